@@ -1,0 +1,116 @@
+"""Logging: structlog configured once, one format for our lines and uvicorn's.
+
+The access line is built from an allow-list of fields (relay.py), so secrets cannot
+slip into it; `redact` is the second line of defence for every event, ours or a
+library's: sensitive keys are masked and bearer tokens or API keys inside strings are cut.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import orjson
+import structlog
+
+from streamproxy.headers import REDACTED
+
+MASK = "[REDACTED]"
+_SECRET_PATTERNS = re.compile(
+    r"(?i)(bearer\s+)[^\s\"',]+"  # Authorization values
+    r"|\b(sk-(?:ant-)?[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+"  # OpenAI/Anthropic key shapes
+    r"|([?&](?:key|api[-_]key)=)[^&\s\"']+"  # keys in query strings (Gemini)
+)
+# uvicorn logs this when the app ends a response without its final body message. The
+# relay does that on purpose after an upstream failure (the client must see an
+# incomplete stream), and logs its own line for it.
+_EXPECTED_UVICORN_ERRORS = frozenset({"ASGI callable returned without completing response."})
+
+
+def _mask_match(match: re.Match[str]) -> str:
+    prefix = next(group for group in match.groups() if group is not None)
+    return prefix + MASK
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return _SECRET_PATTERNS.sub(_mask_match, value)
+    if isinstance(value, dict):
+        return {
+            k: MASK if str(k).lower() in REDACTED else _redact_value(v) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_redact_pair(item) for item in value]
+    return value
+
+
+def _redact_pair(item: Any) -> Any:
+    # Header lists: [(name, value), ...] with str or bytes names.
+    if isinstance(item, list | tuple) and len(item) == 2:
+        name = item[0].decode("latin-1") if isinstance(item[0], bytes) else str(item[0])
+        if name.lower() in REDACTED:
+            return (item[0], MASK)
+    return _redact_value(item)
+
+
+def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: mask sensitive keys and secret-shaped substrings."""
+    for key, value in event_dict.items():
+        event_dict[key] = MASK if key.lower() in REDACTED else _redact_value(value)
+    return event_dict
+
+
+def _dumps(obj: Any, **_: Any) -> str:
+    return orjson.dumps(obj, default=str).decode("utf-8")
+
+
+class _DropExpected(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() not in _EXPECTED_UVICORN_ERRORS
+
+
+def configure(
+    level: str = "info", fmt: str = "json", stream: TextIO | None = None, cache: bool = True
+) -> None:
+    """Configure structlog and the stdlib root logger (uvicorn's loggers) alike."""
+    out = stream or sys.stderr
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer(serializer=_dumps)
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.WriteLoggerFactory(file=out),
+        cache_logger_on_first_use=cache,
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                renderer,
+            ],
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        )
+    )
+    handler.addFilter(_DropExpected())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    logging.getLogger("uvicorn.access").disabled = True  # our access line replaces it
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO

@@ -1,0 +1,145 @@
+"""The contract's Prometheus metrics, owned by one object with an injected registry.
+
+Names and labels are copied literally from `shared/contract.md`; dashboards depend on
+them. Each test builds its own `CollectorRegistry` (client_python's own tests do).
+
+Multiprocess (`serve --workers N`): `server.py` points `PROMETHEUS_MULTIPROC_DIR` at a
+fresh directory before the workers import prometheus_client, so every value here lands
+in mmap files and `admin.py` aggregates them per scrape. The active-streams gauge sums
+live processes (`livesum`).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from streamproxy.config import MetricsConfig
+from streamproxy.observer import StreamRecord
+
+UNKNOWN_MODEL = "unknown"
+OTHER_MODEL = "other"
+
+
+class ModelLabels:
+    """Caps the `model` label: the first `limit` distinct models keep their name, later
+    ones become `other`, so no client can explode the label cardinality."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, model: str | None) -> str:
+        if not model:
+            return UNKNOWN_MODEL
+        if model in self.seen:
+            return model
+        if len(self.seen) >= self.limit:
+            return OTHER_MODEL
+        self.seen.add(model)
+        return model
+
+
+class Metrics:
+    """Every metric of the contract, registered on `registry`."""
+
+    def __init__(self, registry: CollectorRegistry, config: MetricsConfig) -> None:
+        self.model_label = ModelLabels(config.max_models)
+        self.requests = Counter(
+            "streamproxy_requests_total",
+            "Requests answered, by upstream, method and status code.",
+            ["upstream", "method", "status_code"],
+            registry=registry,
+        )
+        self.streams_active = Gauge(
+            "streamproxy_streams_active",
+            "Streamed responses (SSE or NDJSON) being relayed now.",
+            ["upstream"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.streams = Counter(
+            "streamproxy_streams_total",
+            "Streamed responses finished, by outcome.",
+            ["upstream", "model", "outcome"],
+            registry=registry,
+        )
+        self.ttfb = Histogram(
+            "streamproxy_time_to_first_byte_seconds",
+            "Request arrival to the first response body byte written to the client.",
+            ["upstream"],
+            registry=registry,
+            buckets=config.ttft_buckets,
+        )
+        self.ttft = Histogram(
+            "streamproxy_time_to_first_token_seconds",
+            "Request arrival to the first event carrying generated content.",
+            ["upstream", "model"],
+            registry=registry,
+            buckets=config.ttft_buckets,
+        )
+        self.itl = Histogram(
+            "streamproxy_inter_token_latency_seconds",
+            "Gap between consecutive events carrying generated content.",
+            ["upstream", "model"],
+            registry=registry,
+            buckets=config.itl_buckets,
+        )
+        self.duration = Histogram(
+            "streamproxy_stream_duration_seconds",
+            "Request arrival to the end of a streamed response, by outcome.",
+            ["upstream", "model", "outcome"],
+            registry=registry,
+            buckets=config.duration_buckets,
+        )
+        self.output_tokens = Counter(
+            "streamproxy_output_tokens_total",
+            "Output tokens: the provider's usage report, else the count of token events.",
+            ["upstream", "model"],
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "streamproxy_dropped_connections_total",
+            "Streams cut before completion, by the side that dropped and the phase.",
+            ["upstream", "side", "phase"],
+            registry=registry,
+        )
+        self.keepalives = Counter(
+            "streamproxy_keepalives_sent_total",
+            "SSE keepalive comments sent during upstream silence.",
+            ["upstream"],
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "streamproxy_upstream_errors_total",
+            "Upstream failures: connect, timeout (no answer or silence), protocol.",
+            ["upstream", "reason"],
+            registry=registry,
+        )
+
+    def record(
+        self, upstream: str, method: str, status: int, model: str, rec: StreamRecord
+    ) -> None:
+        """Account one finished request. `model` is already capped by `model_label`."""
+        self.requests.labels(upstream, method, str(status)).inc()
+        if rec.ttfb is not None:
+            self.ttfb.labels(upstream).observe(rec.ttfb)
+        if not rec.streamed:
+            return
+        self.streams.labels(upstream, model, rec.outcome).inc()
+        self.duration.labels(upstream, model, rec.outcome).observe(rec.duration)
+        if rec.ttft is not None:
+            self.ttft.labels(upstream, model).observe(rec.ttft)
+        tokens = rec.output_tokens if rec.output_tokens is not None else rec.token_events
+        if tokens:
+            self.output_tokens.labels(upstream, model).inc(tokens)
+        side = _DROP_SIDE.get(rec.outcome)
+        if side is not None:
+            self.dropped.labels(upstream, side, rec.phase).inc()
+
+
+_DROP_SIDE = {
+    "client_disconnect": "client",
+    "upstream_disconnect": "upstream",
+    "upstream_timeout": "upstream",
+    "upstream_error": "upstream",
+}

@@ -1,0 +1,502 @@
+"""ProxyApp: the pure-ASGI hot path. One `Exchange` per request.
+
+Theory of operation
+-------------------
+1. Route the raw path (longest `path_prefix`), read the request body up to the limit,
+   send it upstream with httpx and wait for the response headers. Failures before the
+   response starts become a JSON error in the SDK's shape (502/504/4xx).
+2. Send the response headers, then pump: `async for chunk in aiter_raw(): send(chunk)`.
+   One await per chunk and no reading ahead, so uvicorn's `drain()` gives backpressure
+   for free and a slow client holds at most the transport's buffers. Each chunk is
+   observed (scanner, token timings) only *after* it has been handed to the transport.
+3. Beside the pump, in one TaskGroup: a watcher on `receive()` (uvicorn reports a gone
+   client only there: its `send()` returns silently after a disconnect) that cancels the
+   pump, which closes the upstream connection at once (httpcore closes on cancel); and,
+   for identity-encoded SSE, the keepalive timer. Every write to the client goes through
+   one `Downstream`, under one lock when the timer is running, so a comment can only be
+   placed where the scanner, fed in the same critical section, says a line ended.
+4. End: a clean upstream EOF ends the body normally. Any failure (upstream error,
+   timeout, drain abort) sends the contract's SSE error event if the stream stands at an
+   event boundary, then returns *without* `more_body: False`: uvicorn closes the
+   connection without the chunked terminator and every client sees a broken stream.
+5. Account exactly once: the observer's record goes to metrics and one access-log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any
+
+import httpx
+import orjson
+import structlog
+
+from streamproxy import headers as hdrs
+from streamproxy.config import Config
+from streamproxy.errors import (
+    BodyTooLarge,
+    ClientDisconnected,
+    MethodNotAllowed,
+    ProxyError,
+    ProxyShuttingDown,
+    UpstreamError,
+    UpstreamTimeout,
+    json_error_body,
+    sse_error_frame,
+)
+from streamproxy.keepalive import comment_line, run_keepalive
+from streamproxy.metrics import Metrics
+from streamproxy.observer import Outcome, StreamObserver, StreamRecord, body_kind
+from streamproxy.providers import Api, detect_api, request_model
+from streamproxy.routing import Route, RouteTable
+from streamproxy.upstream import classify_errors, make_client
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+access_log = structlog.get_logger("streamproxy.access")
+clock = time.monotonic
+
+
+class ProxyApp:
+    """The ASGI application that relays every request to its upstream."""
+
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        clients: Mapping[str, httpx.AsyncClient] | None = None,
+    ) -> None:
+        self.routes = RouteTable(config.upstreams)
+        self.clients = dict(clients or {u.name: make_client(u) for u in config.upstreams})
+        self.keepalive = config.keepalive
+        self.keepalive_line = comment_line(config.keepalive.comment)
+        self.max_body = config.limits.max_request_body
+        self.metrics = metrics
+        self.active: set[Exchange] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await Exchange(self, scope, receive, send).run()
+
+    def abort_all(self, message: str) -> int:
+        """End every running stream as an upstream failure (the drain timeout ran out)."""
+        exchanges = list(self.active)
+        for exchange in exchanges:
+            exchange.abort(ProxyShuttingDown(message))
+        return len(exchanges)
+
+    async def aclose(self) -> None:
+        for client in self.clients.values():
+            await client.aclose()
+
+
+class Downstream:
+    """The single path of bytes to the client, shared by the pump and the keepalive timer."""
+
+    __slots__ = ("last_write", "lock", "observer", "on_keepalive", "send")
+
+    def __init__(
+        self, send: Send, observer: StreamObserver, on_keepalive: Callable[[], None]
+    ) -> None:
+        self.send = send
+        self.observer = observer
+        self.on_keepalive = on_keepalive
+        self.lock: asyncio.Lock | None = None  # set only while a keepalive timer runs
+        self.last_write = clock()
+
+    async def write(self, chunk: bytes) -> None:
+        """Send one upstream chunk, then observe it. Observing happens inside the lock so
+        the timer never sees a scanner that lags the bytes already sent."""
+        message = {"type": "http.response.body", "body": chunk, "more_body": True}
+        if self.lock is None:
+            await self.send(message)
+        else:
+            async with self.lock:
+                await self.send(message)
+                self.last_write = now = clock()
+                self.observer.on_chunk(chunk, now)
+                return
+        self.last_write = now = clock()
+        self.observer.on_chunk(chunk, now)
+
+    async def write_keepalive(self, line: bytes, interval: float) -> bool:
+        """Send a comment if the stream is still silent and stands at a line boundary."""
+        assert self.lock is not None
+        async with self.lock:
+            if clock() - self.last_write < interval:
+                return True  # the pump wrote meanwhile: nothing to do
+            if not self.observer.at_line_boundary:
+                return False
+            await self.send({"type": "http.response.body", "body": line, "more_body": True})
+            self.last_write = clock()
+        self.on_keepalive()
+        return True
+
+
+class Exchange:
+    """One request and its response. State flags are explicit, as in uvicorn's
+    RequestResponseCycle; the outcome is decided once, by `finish()`."""
+
+    def __init__(self, app: ProxyApp, scope: Scope, receive: Receive, send: Send) -> None:
+        self.app = app
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.arrived = clock()
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        self.upstream_name = "none"
+        self.api: Api = "unknown"
+        self.model: str | None = None
+        self.status = 0
+        self.observer = StreamObserver("unknown", "none", self.arrived)
+        self.error: ProxyError | None = None
+        self.client_gone = False
+        self.wants_stream = False
+        self.upstream_answered = False
+        self.committed = False  # 200 + SSE headers sent before the upstream answered
+        self.pump_task: asyncio.Task[Outcome] | None = None
+
+    # -- the request ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        structlog.contextvars.bind_contextvars(request_id=self._request_id())
+        outcome: Outcome = "completed"
+        try:
+            try:
+                route = self._route()
+                body = await self._read_body()
+                self.wants_stream = _wants_stream(
+                    self.api, self.scope["path"], self.scope["headers"], body
+                )
+                if self._commits_early():
+                    response = await self._open_committing_early(route, body)
+                else:
+                    response = await self._open_upstream(route, body)
+            except ProxyError as exc:
+                outcome = _failure_outcome(exc)
+                await self._send_error_response(exc)
+                return
+            outcome = await self._relay(response)
+        except ClientDisconnected:
+            outcome = "client_disconnect"
+        finally:
+            self._account(outcome)
+
+    def _request_id(self) -> str:
+        value: bytes | None = hdrs.get(self.scope["headers"], b"x-request-id")
+        if value is not None and 0 < len(value) <= 128:
+            return value.decode("latin-1")
+        return uuid.uuid4().hex
+
+    def _route(self) -> Route:
+        if self.method == "CONNECT":
+            raise MethodNotAllowed("CONNECT is not supported: this is a reverse proxy")
+        route = self.app.routes.match(self.raw_path)
+        self.upstream_name = route.upstream.name
+        self.api = detect_api(self.scope["path"])
+        return route
+
+    async def _read_body(self) -> bytes:
+        limit = self.app.max_body
+        length = hdrs.get(self.scope["headers"], b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise BodyTooLarge(f"request body over the {limit}-byte limit")
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"request body over the {limit}-byte limit")
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+    async def _open_upstream(self, route: Route, body: bytes) -> httpx.Response:
+        self.model = request_model(self.api, self.scope["path"], body)
+        client = self.scope.get("client")
+        request = httpx.Request(
+            self.method,
+            route.target(self.raw_path, self.scope["query_string"]).decode("latin-1"),
+            headers=hdrs.request_headers(
+                self.scope["headers"], client[0] if client else None, self.scope["scheme"]
+            ),
+            content=body,
+        )
+        with classify_errors():
+            return await self.app.clients[route.upstream.name].send(request, stream=True)
+
+    # -- keepalive before the response headers (opt-in) -----------------------------
+
+    def _commits_early(self) -> bool:
+        keepalive = self.app.keepalive
+        return keepalive.before_headers and keepalive.interval > 0 and self.wants_stream
+
+    async def _open_committing_early(self, route: Route, body: bytes) -> httpx.Response:
+        """Open the upstream request; if it has not answered within one keepalive
+        interval, commit `200` with SSE headers and send comments until it does.
+
+        The trade-off (README): once 200 is committed, an upstream error status can only
+        reach the client as the contract's SSE error event."""
+        interval = self.app.keepalive.interval
+        async with asyncio.TaskGroup() as group:
+            opening = group.create_task(_outcome_of(self._open_upstream(route, body)))
+            gone = group.create_task(self._wait_for_disconnect())
+            waiting = {opening, gone}
+            done, _ = await asyncio.wait(waiting, timeout=interval, return_when="FIRST_COMPLETED")
+            while not done:
+                if not self.committed:
+                    self.committed = True
+                    await self.send(
+                        {"type": "http.response.start", "status": 200, "headers": EARLY_HEADERS}
+                    )
+                message = {"type": "http.response.body", "body": self.app.keepalive_line,
+                           "more_body": True}  # fmt: skip
+                await self.send(message)
+                self._count_keepalive()
+                done, _ = await asyncio.wait(
+                    waiting, timeout=interval, return_when="FIRST_COMPLETED"
+                )
+            (gone if opening in done else opening).cancel()
+        if gone in done:
+            self.client_gone = True
+            if opening.done() and isinstance(opening.result(), httpx.Response):
+                await opening.result().aclose()  # type: ignore[union-attr]  # checked above
+            raise ClientDisconnected
+        result = opening.result()
+        if isinstance(result, ProxyError):
+            raise result
+        return result
+
+    async def _wait_for_disconnect(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+
+    async def _frame_upstream_error_status(self, response: httpx.Response) -> Outcome:
+        """After an early commit, an upstream error status becomes the SSE error event."""
+        body = b""
+        with contextlib.suppress(UpstreamError), classify_errors():
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) > 65536:
+                    break
+        error_type, message = _describe_error_body(body)
+        error = UpstreamError(f"upstream answered {response.status_code}: {message}")
+        error.error_type = error_type
+        self.error = error
+        await self._send_error_frame(error, status=response.status_code)
+        return "upstream_error"
+
+    async def _send_error_frame(self, error: ProxyError, status: int | None = None) -> None:
+        frame = sse_error_frame(error.error_type, error.message, status=status)
+        await self.send({"type": "http.response.body", "body": frame, "more_body": True})
+
+    # -- the response --------------------------------------------------------------
+
+    async def _relay(self, response: httpx.Response) -> Outcome:
+        self.upstream_answered = True
+        try:
+            headers, is_sse = hdrs.response_headers(response.headers.raw)
+            kind = body_kind(hdrs.get(headers, b"content-type"))
+            self.observer = StreamObserver(self.api, kind, self.arrived, self._gap_recorder())
+            identity = hdrs.get(headers, b"content-encoding") in (None, b"identity")
+            self.status = response.status_code
+            if self.committed:
+                if self.status >= 400:
+                    return await self._frame_upstream_error_status(response)
+            else:
+                start = {"type": "http.response.start", "status": self.status, "headers": headers}
+                await self.send(start)
+            keepalive = is_sse and identity and self.app.keepalive.interval > 0
+            return await self._stream(response, keepalive, can_frame_error=is_sse and identity)
+        finally:
+            await response.aclose()
+
+    async def _stream(
+        self, response: httpx.Response, keepalive: bool, can_frame_error: bool
+    ) -> Outcome:
+        writer = Downstream(self.send, self.observer, self._count_keepalive)
+        streamed = self.observer.kind != "none"
+        if streamed:
+            self.app.metrics.streams_active.labels(self.upstream_name).inc()
+        self.app.active.add(self)
+        try:
+            outcome = await self._run_pump(response, writer, keepalive)
+        finally:
+            self.app.active.discard(self)
+            if streamed:
+                self.app.metrics.streams_active.labels(self.upstream_name).dec()
+        if outcome in ("completed", "upstream_disconnect") and self.error is None:
+            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+        elif outcome != "client_disconnect" and can_frame_error and self.observer.at_event_boundary:
+            await self._send_error_frame(self.error or UpstreamError("upstream failed"))
+        # Otherwise return without `more_body: False`: uvicorn closes the connection
+        # without the chunked terminator, so the client sees an incomplete body.
+        return outcome
+
+    async def _run_pump(
+        self, response: httpx.Response, writer: Downstream, keepalive: bool
+    ) -> Outcome:
+        async with asyncio.TaskGroup() as group:
+            pump = self.pump_task = group.create_task(self._pump(response, writer))
+            helpers = [group.create_task(self._watch_disconnect())]
+            if keepalive:
+                writer.lock = asyncio.Lock()
+                interval = self.app.keepalive.interval
+                line = self.app.keepalive_line
+                helpers.append(group.create_task(run_keepalive(writer, interval, line)))
+            pump.add_done_callback(lambda _: [task.cancel() for task in helpers])
+        if pump.cancelled():
+            return "client_disconnect" if self.client_gone else "upstream_error"
+        return pump.result()
+
+    async def _pump(self, response: httpx.Response, writer: Downstream) -> Outcome:
+        """Relay the body: one await per chunk, nothing read ahead."""
+        try:
+            with classify_errors():
+                async for chunk in response.aiter_raw():
+                    await writer.write(chunk)
+        except UpstreamError as exc:
+            self.error = exc
+            return _failure_outcome(exc)
+        self.observer.on_eof(clock())
+        return self.observer.clean_end_outcome()
+
+    async def _watch_disconnect(self) -> None:
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.client_gone = True
+                if self.pump_task is not None:
+                    self.pump_task.cancel()
+                return
+
+    def abort(self, error: UpstreamError) -> None:
+        """End this stream as an upstream failure (used by the drain on shutdown)."""
+        if self.error is None:
+            self.error = error
+        if self.pump_task is not None:
+            self.pump_task.cancel()
+
+    async def _send_error_response(self, exc: ProxyError) -> None:
+        self.error = exc
+        if self.committed:  # 200 is on the wire: the error can only be an SSE event
+            await self._send_error_frame(exc, status=exc.status)
+            return
+        self.status = exc.status
+        anthropic = self.api == "anthropic"
+        body = json_error_body(exc, anthropic=anthropic)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode("ascii")),
+        ]
+        await self.send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+    # -- accounting ----------------------------------------------------------------
+
+    def _gap_recorder(self) -> Callable[[float], None] | None:
+        model = self.app.metrics.model_label(self.model)
+        return self.app.metrics.itl.labels(self.upstream_name, model).observe
+
+    def _count_keepalive(self) -> None:
+        self.app.metrics.keepalives.labels(self.upstream_name).inc()
+
+    def _account(self, outcome: Outcome) -> None:
+        error = self.error
+        if isinstance(error, UpstreamError):
+            self.app.metrics.upstream_errors.labels(self.upstream_name, error.reason).inc()
+        # A stream request that failed before its response started still counts as a
+        # stream, so failure rates include the streams that never began.
+        streamed = self.observer.kind != "none" or (
+            self.wants_stream and not self.upstream_answered
+        )
+        record = self.observer.finish(outcome, clock(), streamed=streamed)
+        model = self.app.metrics.model_label(self.model)
+        status = self.status or 499  # nginx's code for "client closed before the response"
+        self.app.metrics.record(self.upstream_name, self.method, status, model, record)
+        _log_access(self, status, model, record)
+
+
+EARLY_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+async def _outcome_of(opening: Awaitable[httpx.Response]) -> httpx.Response | ProxyError:
+    """The response, or the ProxyError it raised (kept out of the TaskGroup's way)."""
+    try:
+        return await opening
+    except ProxyError as exc:
+        return exc
+
+
+def _describe_error_body(body: bytes) -> tuple[str, str]:
+    """(type, message) from an OpenAI- or Anthropic-shaped error body, else its text."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        payload = None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("type") or "upstream_error"), str(error.get("message") or "")
+    text = body.decode("utf-8", "replace").strip()[:500]
+    return "upstream_error", text or "no body"
+
+
+def _failure_outcome(error: ProxyError) -> Outcome:
+    if isinstance(error, UpstreamTimeout):
+        return "upstream_timeout"
+    return "upstream_error" if isinstance(error, UpstreamError) else "completed"
+
+
+def _wants_stream(api: Api, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+    """Whether the client asked for a streamed answer (cheap byte checks, no JSON parse)."""
+    if api == "gemini":
+        return ":streamGenerateContent" in path
+    if api == "ollama":  # Ollama streams unless told not to
+        return b'"stream":false' not in body.replace(b" ", b"")
+    accept = hdrs.get(headers, b"accept")
+    if accept is not None and b"text/event-stream" in accept:
+        return True
+    return b'"stream":true' in body.replace(b" ", b"") if b'"stream"' in body else False
+
+
+def _log_access(exchange: Exchange, status: int, model: str, record: StreamRecord) -> None:
+    """One canonical line per request, built from an allow-list of fields: no headers,
+    no query string (Gemini puts its API key there), no bodies."""
+    error = exchange.error
+    access_log.info(
+        "request",
+        method=exchange.method,
+        path=exchange.scope["path"],
+        upstream=exchange.upstream_name,
+        model=model,
+        status=status,
+        outcome=record.outcome,
+        bytes=record.bytes_sent,
+        ttfb=_ms(record.ttfb),
+        ttft=_ms(record.ttft),
+        token_events=record.token_events,
+        output_tokens=record.output_tokens,
+        duration=_ms(record.duration),
+        error=None if error is None else error.message,
+    )
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)

@@ -1,0 +1,226 @@
+"""Run the proxy and admin servers; drain on SIGTERM; `--workers N` processes.
+
+One process: both uvicorn servers run in one event loop. On SIGTERM or SIGINT:
+`/readyz` turns 503, the proxy stops accepting connections (uvicorn's own shutdown
+closes the listener and idle keep-alive connections), in-flight streams run on for up
+to `shutdown.drain_timeout`, then the rest are ended as upstream failures (error event,
+no chunked terminator), and the process exits 0.
+
+N processes: the parent binds both sockets, points PROMETHEUS_MULTIPROC_DIR at a fresh
+directory *before* any worker imports prometheus_client (the mode is fixed at import),
+spawns the workers with the sockets, restarts a worker that dies, and forwards SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import wait as wait_for_sentinels
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import structlog
+import uvicorn
+
+from streamproxy import logs
+from streamproxy.config import Config
+
+log = structlog.get_logger("streamproxy.server")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's Server without its signal capture: `serve()` below owns the signals (and
+    uvicorn would re-raise SIGTERM after shutdown, turning a clean drain into exit 143)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A bound TCP socket (IPv6 if the host says so); listening starts in uvicorn."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+# The uvicorn settings of both servers (tests run the proxy with the same ones).
+UVICORN_OPTIONS: dict[str, Any] = {
+    "lifespan": "off",
+    "access_log": False,  # relay.py writes one access line per request instead
+    "log_config": None,  # logs.configure() owns logging
+    "server_header": False,  # the upstream's Server and Date headers pass through
+    "date_header": False,
+    # uvicorn would rewrite the client address from X-Forwarded-For; the relay appends
+    # the real peer to that header itself.
+    "proxy_headers": False,
+    "backlog": 4096,
+    "timeout_keep_alive": 75,  # above common LB idle timeouts (ALB 60 s), as nginx does
+}
+
+
+def _uvicorn_config(app: Any, drain_timeout: float) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        http="httptools",
+        # A backstop only: the drain below ends streams at drain_timeout itself.
+        timeout_graceful_shutdown=int(drain_timeout) + 5,
+        **UVICORN_OPTIONS,
+    )
+
+
+async def serve(
+    config: Config,
+    proxy_sock: socket.socket,
+    admin_sock: socket.socket,
+    ready: Callable[[], None] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT, then drain and return."""
+    # Imported here so a worker process imports prometheus_client only after the parent
+    # has set PROMETHEUS_MULTIPROC_DIR.
+    from prometheus_client import CollectorRegistry
+
+    from streamproxy.admin import Readiness, create_admin_app
+    from streamproxy.metrics import Metrics
+    from streamproxy.relay import ProxyApp
+
+    registry = CollectorRegistry()
+    app = ProxyApp(config, Metrics(registry, config.metrics))
+    readiness = Readiness()
+    drain = config.shutdown.drain_timeout
+    proxy = _Server(_uvicorn_config(app, drain))
+    admin = _Server(_uvicorn_config(create_admin_app(registry, readiness), drain))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with asyncio.TaskGroup() as group:
+            proxy_task = group.create_task(proxy.serve(sockets=[proxy_sock]))
+            group.create_task(admin.serve(sockets=[admin_sock]))
+            # uvicorn offers a `started` flag, no event to await
+            while not (proxy.started and admin.started):  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+            readiness.started = True
+            if ready is not None:
+                ready()
+            await stop.wait()
+            readiness.draining = True
+            log.info("draining", active_streams=len(app.active), drain_timeout=drain)
+            proxy.should_exit = True
+            watchdog = group.create_task(_abort_after(app, drain))
+            await proxy_task
+            watchdog.cancel()
+            admin.should_exit = True
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await app.aclose()
+    log.info("stopped")
+
+
+async def _abort_after(app: Any, seconds: float) -> None:
+    await asyncio.sleep(seconds)
+    aborted = app.abort_all("streamproxy is shutting down (drain timeout reached)")
+    if aborted:
+        log.warning("drain timeout reached", aborted_streams=aborted)
+
+
+def run_event_loop(main: Any) -> None:
+    """Run a coroutine on uvloop when installed (it is, with uvicorn[standard])."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
+def run(config: Config) -> int:
+    """Bind, announce, serve (in this process or N workers). Returns the exit code."""
+    try:
+        proxy_sock = bind(config.listen.host, config.listen.port)
+        admin_sock = bind(config.admin.host, config.admin.port)
+    except OSError as exc:
+        log.error("cannot listen", error=str(exc))
+        return 1
+    _announce(config, proxy_sock, admin_sock)
+    if config.listen.workers == 1:
+        run_event_loop(serve(config, proxy_sock, admin_sock))
+        return 0
+    return _supervise(config, proxy_sock, admin_sock)
+
+
+def _announce(config: Config, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
+    proxy_port = proxy_sock.getsockname()[1]
+    admin_port = admin_sock.getsockname()[1]
+    log.info(
+        "listening",
+        proxy=f"http://{config.listen.host}:{proxy_port}",
+        admin=f"http://{config.admin.host}:{admin_port}",
+        proxy_port=proxy_port,
+        admin_port=admin_port,
+        workers=config.listen.workers,
+        upstreams=[f"{u.name}: {u.path_prefix} -> {u.url}" for u in config.upstreams],
+    )
+
+
+def _worker(config: Config, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
+    logs.configure(config.logging.level, config.logging.format)
+    run_event_loop(serve(config, proxy_sock, admin_sock))
+
+
+def _supervise(config: Config, proxy_sock: socket.socket, admin_sock: socket.socket) -> int:
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
+        prefix="streamproxy-metrics-"
+    )
+    shutil.rmtree(metrics_dir, ignore_errors=True)  # stale files from a previous run
+    os.makedirs(metrics_dir)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    from prometheus_client import multiprocess
+
+    context = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def start() -> BaseProcess:
+        process = context.Process(target=_worker, args=(config, proxy_sock, admin_sock))
+        process.start()
+        return process
+
+    def forward(signum: int, _: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for process in workers:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+
+    workers = [start() for _ in range(config.listen.workers)]
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    failed = False
+    while workers:
+        wait_for_sentinels([p.sentinel for p in workers])
+        for process in [p for p in workers if not p.is_alive()]:
+            workers.remove(process)
+            if process.pid is not None:
+                multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]  # untyped upstream
+            if not stopping:
+                log.error("worker died; restarting", pid=process.pid, exitcode=process.exitcode)
+                workers.append(start())
+            elif process.exitcode != 0:
+                failed = True
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    sys.stderr.flush()
+    return 1 if failed else 0
