@@ -14,8 +14,8 @@ The tree, in the spirit of httpx's `_exceptions.py`::
         └── UpstreamProtocolError   502, reason "protocol" (reset, garbage, truncated body)
 
 Each exception carries the status it implies (h11's `error_status_hint` idea), so the
-relay never maps types to statuses itself. httpx exceptions are translated into this
-tree at one place: `upstream.classify_errors()`.
+relay never maps types to statuses itself. Transport failures are raised in these
+terms at one place: `upstream.py`.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def request_headers(
 ) -> Headers:
     """Headers to send upstream: hop-by-hop and Host dropped, X-Forwarded-* set.
 
-    Host comes from the upstream URL (httpx sets it), Content-Length from the body we
+    Host comes from the upstream URL (upstream.py sets it), Content-Length from the body we
     send. X-Forwarded-For gets the client appended; an existing X-Forwarded-Proto/-Host
     (set by a load balancer in front) is kept.
     """

@@ -105,12 +105,12 @@ def configure(
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
         )
     )
-    handler.addFilter(_DropExpected())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    if not any(isinstance(f, _DropExpected) for f in logging.getLogger("uvicorn.error").filters):
+        logging.getLogger("uvicorn.error").addFilter(_DropExpected())
     logging.getLogger("uvicorn.access").disabled = True  # our access line replaces it
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO

@@ -3,15 +3,15 @@
 Theory of operation
 -------------------
 1. Route the raw path (longest `path_prefix`), read the request body up to the limit,
-   send it upstream with httpx and wait for the response headers. Failures before the
-   response starts become a JSON error in the SDK's shape (502/504/4xx).
-2. Send the response headers, then pump: `async for chunk in aiter_raw(): send(chunk)`.
+   send it upstream (upstream.py: asyncio + httptools) and wait for the response head.
+   Failures before the response starts become a JSON error in the SDK's shape (502/504/4xx).
+2. Send the response headers, then pump: `while chunk := await read(): send(chunk)`.
    One await per chunk and no reading ahead, so uvicorn's `drain()` gives backpressure
    for free and a slow client holds at most the transport's buffers. Each chunk is
    observed (scanner, token timings) only *after* it has been handed to the transport.
 3. Beside the pump, in one TaskGroup: a watcher on `receive()` (uvicorn reports a gone
    client only there: its `send()` returns silently after a disconnect) that cancels the
-   pump, which closes the upstream connection at once (httpcore closes on cancel); and,
+   pump, which closes the upstream connection at once (`UpstreamResponse.aclose`); and,
    for identity-encoded SSE, the keepalive timer. Every write to the client goes through
    one `Downstream`, under one lock when the timer is running, so a comment can only be
    placed where the scanner, fed in the same critical section, says a line ended.
@@ -28,10 +28,9 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import httpx
 import orjson
 import structlog
 
@@ -53,7 +52,7 @@ from streamproxy.metrics import Metrics
 from streamproxy.observer import Outcome, StreamObserver, StreamRecord, body_kind
 from streamproxy.providers import Api, detect_api, request_model
 from streamproxy.routing import Route, RouteTable
-from streamproxy.upstream import classify_errors, make_client
+from streamproxy.upstream import UpstreamPool, UpstreamResponse
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -71,10 +70,9 @@ class ProxyApp:
         self,
         config: Config,
         metrics: Metrics,
-        clients: Mapping[str, httpx.AsyncClient] | None = None,
     ) -> None:
         self.routes = RouteTable(config.upstreams)
-        self.clients = dict(clients or {u.name: make_client(u) for u in config.upstreams})
+        self.pools = {u.name: UpstreamPool(u) for u in config.upstreams}
         self.keepalive = config.keepalive
         self.keepalive_line = comment_line(config.keepalive.comment)
         self.max_body = config.limits.max_request_body
@@ -93,8 +91,8 @@ class ProxyApp:
         return len(exchanges)
 
     async def aclose(self) -> None:
-        for client in self.clients.values():
-            await client.aclose()
+        for pool in self.pools.values():
+            await pool.aclose()
 
 
 class Downstream:
@@ -224,19 +222,14 @@ class Exchange:
             if not message.get("more_body", False):
                 return b"".join(parts)
 
-    async def _open_upstream(self, route: Route, body: bytes) -> httpx.Response:
+    async def _open_upstream(self, route: Route, body: bytes) -> UpstreamResponse:
         self.model = request_model(self.api, self.scope["path"], body)
         client = self.scope.get("client")
-        request = httpx.Request(
-            self.method,
-            route.target(self.raw_path, self.scope["query_string"]).decode("latin-1"),
-            headers=hdrs.request_headers(
-                self.scope["headers"], client[0] if client else None, self.scope["scheme"]
-            ),
-            content=body,
+        headers = hdrs.request_headers(
+            self.scope["headers"], client[0] if client else None, self.scope["scheme"]
         )
-        with classify_errors():
-            return await self.app.clients[route.upstream.name].send(request, stream=True)
+        target = route.target(self.raw_path, self.scope["query_string"])
+        return await self.app.pools[route.upstream.name].request(self.method, target, headers, body)
 
     # -- keepalive before the response headers (opt-in) -----------------------------
 
@@ -244,7 +237,7 @@ class Exchange:
         keepalive = self.app.keepalive
         return keepalive.before_headers and keepalive.interval > 0 and self.wants_stream
 
-    async def _open_committing_early(self, route: Route, body: bytes) -> httpx.Response:
+    async def _open_committing_early(self, route: Route, body: bytes) -> UpstreamResponse:
         """Open the upstream request; if it has not answered within one keepalive
         interval, commit `200` with SSE headers and send comments until it does.
 
@@ -272,8 +265,9 @@ class Exchange:
             (gone if opening in done else opening).cancel()
         if gone in done:
             self.client_gone = True
-            if opening.done() and isinstance(opening.result(), httpx.Response):
-                await opening.result().aclose()  # type: ignore[union-attr]  # checked above
+            opened = opening.result() if opening.done() else None
+            if isinstance(opened, UpstreamResponse):
+                await opened.aclose()
             raise ClientDisconnected
         result = opening.result()
         if isinstance(result, ProxyError):
@@ -284,19 +278,17 @@ class Exchange:
         while (await self.receive())["type"] != "http.disconnect":
             pass
 
-    async def _frame_upstream_error_status(self, response: httpx.Response) -> Outcome:
+    async def _frame_upstream_error_status(self, response: UpstreamResponse) -> Outcome:
         """After an early commit, an upstream error status becomes the SSE error event."""
         body = b""
-        with contextlib.suppress(UpstreamError), classify_errors():
-            async for chunk in response.aiter_raw():
+        with contextlib.suppress(UpstreamError):
+            while len(body) <= 65536 and (chunk := await response.read()):
                 body += chunk
-                if len(body) > 65536:
-                    break
         error_type, message = _describe_error_body(body)
-        error = UpstreamError(f"upstream answered {response.status_code}: {message}")
+        error = UpstreamError(f"upstream answered {response.status}: {message}")
         error.error_type = error_type
         self.error = error
-        await self._send_error_frame(error, status=response.status_code)
+        await self._send_error_frame(error, status=response.status)
         return "upstream_error"
 
     async def _send_error_frame(self, error: ProxyError, status: int | None = None) -> None:
@@ -305,14 +297,14 @@ class Exchange:
 
     # -- the response --------------------------------------------------------------
 
-    async def _relay(self, response: httpx.Response) -> Outcome:
+    async def _relay(self, response: UpstreamResponse) -> Outcome:
         self.upstream_answered = True
         try:
-            headers, is_sse = hdrs.response_headers(response.headers.raw)
+            headers, is_sse = hdrs.response_headers(response.headers)
             kind = body_kind(hdrs.get(headers, b"content-type"))
             self.observer = StreamObserver(self.api, kind, self.arrived, self._gap_recorder())
             identity = hdrs.get(headers, b"content-encoding") in (None, b"identity")
-            self.status = response.status_code
+            self.status = response.status
             if self.committed:
                 if self.status >= 400:
                     return await self._frame_upstream_error_status(response)
@@ -325,7 +317,7 @@ class Exchange:
             await response.aclose()
 
     async def _stream(
-        self, response: httpx.Response, keepalive: bool, can_frame_error: bool
+        self, response: UpstreamResponse, keepalive: bool, can_frame_error: bool
     ) -> Outcome:
         writer = Downstream(self.send, self.observer, self._count_keepalive)
         streamed = self.observer.kind != "none"
@@ -347,7 +339,7 @@ class Exchange:
         return outcome
 
     async def _run_pump(
-        self, response: httpx.Response, writer: Downstream, keepalive: bool
+        self, response: UpstreamResponse, writer: Downstream, keepalive: bool
     ) -> Outcome:
         async with asyncio.TaskGroup() as group:
             pump = self.pump_task = group.create_task(self._pump(response, writer))
@@ -362,12 +354,12 @@ class Exchange:
             return "client_disconnect" if self.client_gone else "upstream_error"
         return pump.result()
 
-    async def _pump(self, response: httpx.Response, writer: Downstream) -> Outcome:
+    async def _pump(self, response: UpstreamResponse, writer: Downstream) -> Outcome:
         """Relay the body: one await per chunk, nothing read ahead."""
+        read = response.read
         try:
-            with classify_errors():
-                async for chunk in response.aiter_raw():
-                    await writer.write(chunk)
+            while chunk := await read():
+                await writer.write(chunk)
         except UpstreamError as exc:
             self.error = exc
             return _failure_outcome(exc)
@@ -437,7 +429,7 @@ EARLY_HEADERS = [
 ]
 
 
-async def _outcome_of(opening: Awaitable[httpx.Response]) -> httpx.Response | ProxyError:
+async def _outcome_of(opening: Awaitable[UpstreamResponse]) -> UpstreamResponse | ProxyError:
     """The response, or the ProxyError it raised (kept out of the TaskGroup's way)."""
     try:
         return await opening

@@ -21,7 +21,6 @@ class Route:
 
     upstream: UpstreamConfig
     prefix: bytes  # path_prefix, no trailing slash ("/" stays "/")
-    origin: str  # scheme://host[:port]
     base_path: bytes  # the upstream URL's own path, no trailing slash ("" for none)
 
     def matches(self, raw_path: bytes) -> bool:
@@ -34,12 +33,13 @@ class Route:
         )
 
     def target(self, raw_path: bytes, query: bytes) -> bytes:
-        """The upstream URL for this request, as bytes (origin + base + path + query)."""
+        """The request target to send upstream: base path + (stripped) path + query.
+        The host is the upstream's own, never taken from the request."""
         path = raw_path
         if self.upstream.strip_prefix and self.prefix != b"/":
             path = raw_path[len(self.prefix) :] or b"/"
-        url = self.origin.encode("ascii") + self.base_path + path
-        return url + b"?" + query if query else url
+        target = self.base_path + path
+        return target + b"?" + query if query else target
 
 
 class RouteTable:
@@ -74,6 +74,5 @@ def _make_route(upstream: UpstreamConfig) -> Route:
     return Route(
         upstream=upstream,
         prefix=prefix.encode("ascii"),
-        origin=f"{parts.scheme}://{parts.netloc}",
         base_path=parts.path.rstrip("/").encode("ascii"),
     )

@@ -19,6 +19,7 @@ class RawServer:
     url: str = ""
     closed_at: list[float] = field(default_factory=list)  # when the proxy hung up, per connection
     bytes_written: int = 0
+    connections: int = 0
 
     def wait_closed(self, count: int = 1, timeout: float = 5.0) -> float | None:
         """The time the `count`th connection was closed by the proxy, or None on timeout."""
@@ -46,23 +47,36 @@ async def _watch_eof(reader: asyncio.StreamReader, state: RawServer) -> None:
 
 
 @contextlib.contextmanager
-def raw_server(handler: Handler) -> Iterator[RawServer]:
-    """Serve `handler(reader, writer, state)` for every connection. After the handler has
-    read the request, EOF from the proxy is recorded in `state.closed_at`."""
+def raw_server(handler: Handler, *, raw: bool = False) -> Iterator[RawServer]:
+    """Serve `handler(reader, writer, state)` for every connection. The first request is
+    read for the handler, and EOF from the proxy is recorded in `state.closed_at`;
+    with `raw=True` the handler gets the connection untouched (to serve several requests)."""
     state = RawServer()
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
     started = threading.Event()
 
+    handlers: set[asyncio.Task[None]] = set()
+
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
         try:
+            if raw:
+                await handler(reader, writer, state)
+                return
             await read_request(reader)
             async with asyncio.TaskGroup() as group:
                 group.create_task(_watch_eof(reader, state))
                 await handler(reader, writer, state)
         except (ConnectionError, asyncio.IncompleteReadError, ExceptionGroup):
             pass
+        except asyncio.CancelledError:
+            return  # the server is stopping: end quietly (asyncio logs cancelled handlers)
         finally:
+            handlers.discard(task)
             writer.close()
 
     async def main() -> None:
@@ -71,10 +85,9 @@ def raw_server(handler: Handler) -> Iterator[RawServer]:
         started.set()
         await stop.wait()
         server.close()
-        for task in asyncio.all_tasks():
-            if task is not asyncio.current_task():
-                task.cancel()
-        await asyncio.sleep(0)
+        for task in list(handlers):
+            task.cancel()
+        await asyncio.sleep(0.01)
 
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     thread.start()

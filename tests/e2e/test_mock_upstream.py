@@ -553,25 +553,39 @@ def test_real_errors_still_log(base: str, server_log: list[logging.LogRecord]) -
 
 
 def test_serve_until_cancelled() -> None:
-    """serve() answers on its port, and cancelling it stops the listener."""
+    """serve() answers on its port; cancelling it mid-stream closes everything, quietly."""
+    log = Collect()
 
     async def main() -> None:
         with bind_loopback() as sock:
             port = sock.getsockname()[1]
-        url = f"http://127.0.0.1:{port}/v1/models"
+        url = f"http://127.0.0.1:{port}"
         async with asyncio.TaskGroup() as group, httpx.AsyncClient() as client:
             task = group.create_task(serve("127.0.0.1", port))
             for _ in range(500):
                 try:
-                    response = await client.get(url)
+                    response = await client.get(url + "/v1/models")
                     break
                 except httpx.ConnectError:
                     await asyncio.sleep(0.01)
             assert response.json()["object"] == "list"
-            task.cancel()
+            logging.getLogger("uvicorn.error").addHandler(log)  # after serve()'s dictConfig
+            async with client.stream(
+                "POST", url + "/v1/chat/completions", json={"stream": True}, headers=knobs(ttft=0)
+            ) as stream:
+                chunks = stream.aiter_raw()
+                await anext(chunks)
+                task.cancel()
+                with pytest.raises(httpx.RemoteProtocolError):
+                    async for _ in chunks:
+                        pass
         async with httpx.AsyncClient() as client:
             with pytest.raises(httpx.ConnectError):
-                await client.get(url)
+                await client.get(url + "/v1/models")
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(log)
     gc.collect()  # an unclosed server-side socket would warn here, and warnings are errors
+    assert log.records == []

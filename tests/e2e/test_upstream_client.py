@@ -1,0 +1,125 @@
+"""The upstream client's HTTP/1.1 behaviour against raw servers: reuse, stale
+connections, framing by length, chunks or close, HEAD, informational responses."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests import client
+from tests.rawserver import raw_server, read_request
+
+OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+
+async def serve_many(reader, writer, state, response: bytes = OK, close_after: int = 0):
+    served = 0
+    while True:
+        try:
+            await read_request(reader)
+        except asyncio.IncompleteReadError:
+            return
+        writer.write(response)
+        await writer.drain()
+        served += 1
+        if close_after and served >= close_after:
+            return  # close without saying so (no Connection: close)
+
+
+def test_keepalive_connections_are_reused(start_proxy):
+    """Sequential requests share one upstream connection."""
+    with raw_server(serve_many, raw=True) as upstream, start_proxy(upstream.url) as proxy:
+        for _ in range(5):
+            assert client.request(proxy.url, "GET", "/x").body == b"{}"
+        assert upstream.connections == 1
+
+
+def test_connection_closed_by_server_is_retried(start_proxy):
+    """A reused connection the server closed while idle is replaced transparently."""
+
+    async def one_per_connection(reader, writer, state):
+        await serve_many(reader, writer, state, close_after=1)
+
+    with raw_server(one_per_connection, raw=True) as upstream, start_proxy(upstream.url) as proxy:
+        for _ in range(3):
+            response = client.request(proxy.url, "POST", "/x", body=b"{}")
+            assert response.status == 200
+            assert response.body == b"{}"
+            # Let the close reach the proxy half of the time, not the other half.
+        assert upstream.connections == 3
+
+
+def test_connection_close_header_is_honoured(start_proxy):
+    """`Connection: close` from the upstream: the connection is not reused (and the
+    header itself is not forwarded)."""
+    closing = OK.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
+
+    async def handler(reader, writer, state):
+        await serve_many(reader, writer, state, response=closing, close_after=1)
+
+    with raw_server(handler, raw=True) as upstream, start_proxy(upstream.url) as proxy:
+        for _ in range(2):
+            response = client.request(proxy.url, "GET", "/x")
+            assert response.body == b"{}"
+            assert response.header(b"connection") is None
+        assert upstream.connections == 2
+
+
+def test_close_delimited_body(start_proxy):
+    """A body framed by the end of the connection (no length, not chunked) is complete."""
+
+    async def handler(reader, writer, state):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n")
+        for i in range(3):
+            writer.write(b"data: %d\n\n" % i)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+    with raw_server(handler, raw=True) as upstream, start_proxy(upstream.url) as proxy:
+        response = client.request(proxy.url, "GET", "/x")
+        assert response.complete
+        assert response.body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+
+
+def test_head_response_has_no_body(start_proxy):
+    """HEAD: the Content-Length is relayed, no body is awaited, later requests still work."""
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1234\r\n\r\n"
+
+    async def handler(reader, writer, state):
+        request = await read_request(reader)
+        writer.write(head if request.startswith(b"HEAD") else OK)
+        await serve_many(reader, writer, state)
+
+    with raw_server(handler, raw=True) as upstream, start_proxy(upstream.url) as proxy:
+        response = client.request(proxy.url, "HEAD", "/x", timeout=5)
+        assert response.status == 200
+        assert response.header(b"content-length") == b"1234"
+        assert response.body == b""
+        assert client.request(proxy.url, "GET", "/x").body == b"{}"
+
+
+def test_informational_response_is_skipped(start_proxy):
+    """A 100 Continue before the real response is not mistaken for it."""
+
+    async def handler(reader, writer, state):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + OK)
+        await writer.drain()
+
+    with raw_server(handler, raw=True) as upstream, start_proxy(upstream.url) as proxy:
+        response = client.request(proxy.url, "GET", "/x")
+        assert response.status == 200
+        assert response.body == b"{}"
+
+
+def test_oversized_response_head_is_502(start_proxy):
+    """An upstream response head over the limit is a protocol error, not a memory sink."""
+    huge = b"HTTP/1.1 200 OK\r\n" + b"x-big: " + b"a" * 100_000 + b"\r\ncontent-length: 0\r\n\r\n"
+
+    async def handler(reader, writer, state):
+        await read_request(reader)
+        writer.write(huge)
+        await writer.drain()
+
+    with raw_server(handler, raw=True) as upstream, start_proxy(upstream.url) as proxy:
+        assert client.request(proxy.url, "GET", "/x").status == 502
