@@ -5,7 +5,10 @@ the observer feeds the right scanner (SSE, NDJSON, or none), asks `providers` wh
 events carry tokens, and keeps the timings. Nothing here delays a byte.
 
 The outcome is decided exactly once (`finish`), whichever of the pump, the disconnect
-watcher or the drain gets there first; later callers get the same record.
+watcher or the drain gets there first; later callers get the same record. A stream in
+which the provider signalled an error (an ``event: error``, a ``{"error": ...}`` chunk,
+``response.failed``) is accounted as ``upstream_error`` even if its body then ended
+cleanly: vLLM, for one, sends its error chunk and then ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ class StreamObserver:
         self.token_events = 0
         self.output_tokens: int | None = None
         self.terminal_seen = False
+        self.error_seen = False
         self._record: StreamRecord | None = None
 
     @property
@@ -124,6 +128,8 @@ class StreamObserver:
             self.output_tokens = facts.output_tokens
         if facts.terminal:
             self.terminal_seen = True
+        if facts.error:
+            self.error_seen = True
 
     def clean_end_outcome(self) -> Outcome:
         """The outcome of a body that ended without a transport error.
@@ -139,9 +145,13 @@ class StreamObserver:
     def finish(self, outcome: Outcome, now: float, *, streamed: bool | None = None) -> StreamRecord:
         """Decide the outcome, once. A second caller gets the first caller's record.
         `streamed` overrides the body kind (a stream request that failed before its
-        response started is still a stream)."""
+        response started is still a stream). A clean end after an in-stream error is
+        recorded as ``upstream_error``; the relay still ends that body cleanly, since
+        the client has the provider's own error event."""
         if self._record is not None:
             return self._record
+        if self.error_seen and outcome in ("completed", "upstream_disconnect"):
+            outcome = "upstream_error"
         self._record = StreamRecord(
             outcome=outcome,
             streamed=self.kind != "none" if streamed is None else streamed,

@@ -9,9 +9,10 @@ usage, does it signal an error.
 Cost: most events are decided by a byte check. Providers send compact JSON, so
 ``"content":"X`` (X not a quote) can only be a non-empty ``content`` string: inside a
 JSON string every quote is escaped, so the unescaped pattern is always a key and its
-value. Only events whose bytes might matter (usage, errors, empty or unusual values,
-non-compact JSON) go through `orjson.loads`. Nothing here raises on garbage: a value
-of the wrong shape counts as absent.
+value. Gemini's spaced JSON (``"text": "X``) gets the same check by regular expression.
+Only events whose bytes might matter (usage, errors, empty or unusual values,
+non-compact JSON) go through `orjson.loads`; `benchmarks/bench_parsing.py` measures it.
+Nothing here raises on garbage: a value of the wrong shape counts as absent.
 
 Usage counts are reported as the provider sends them: cumulative for the stream so far
 (Anthropic ``message_delta``, Gemini ``usageMetadata``, vLLM's per-chunk usage). A
@@ -185,13 +186,19 @@ def classify_ndjson(api: Api, line: bytes) -> EventFacts:
 
 
 _CHAT_KEYS = (b'"content"', b'"reasoning', b'"refusal"', b'"arguments"', b'"usage"', b'"error"')
+# Every delta field that makes a token, as a compact key with a non-empty string value:
+# reasoning (vLLM/DeepSeek `reasoning_content`, OpenRouter `reasoning`) and tool-call
+# arguments stream as many events as text does, so they get the byte check too.
+_CHAT_TOKEN = re.compile(rb'"(?:content|reasoning_content|reasoning|refusal|arguments)":"[^"]')
 
 
 def _openai_chat(event: SSEEvent) -> EventFacts:
     data = event.data
     if data == _DONE:
         return _TERMINAL
-    if _compact_nonempty(data, b'"content":"') and b'"usage":{' not in data:
+    if b'"usage":{' not in data and (
+        _compact_nonempty(data, b'"content":"') or _CHAT_TOKEN.search(data)
+    ):
         return _TOKEN
     if not _mentions(data, _CHAT_KEYS):
         return NOTHING
@@ -261,12 +268,27 @@ def _anthropic(event: SSEEvent) -> EventFacts:
 
 _GEMINI_PART_KEYS = ("functionCall", "inlineData", "executableCode")
 _GEMINI_KEYS = (b'"candidates"', b'"usageMetadata"', b'"promptFeedback"', b'"error"')
+# The common Gemini chunk is one text part plus usageMetadata, in Google's spaced JSON
+# (`"text": "..."`). Without these keys it is neither an end (finishReason, blockReason),
+# an error, nor a chunk whose "text" may belong to something else (grounding segments):
+_GEMINI_NOT_PLAIN = (b'Reason"', b'"error"', b'"groundingMetadata"')
+_GEMINI_TEXT = re.compile(rb'"text"\s*:\s*"[^"]')  # a non-empty text value
+# Usage counters have unique key names, so a match is a key of usageMetadata.
+_GEMINI_ANSWER = re.compile(rb'"candidatesTokenCount"\s*:\s*(\d+)\s*[,}]')
+_GEMINI_THOUGHTS = re.compile(rb'"thoughtsTokenCount"\s*:\s*(\d+)\s*[,}]')
 
 
 def _gemini(event: SSEEvent) -> EventFacts:
-    if not _mentions(event.data, _GEMINI_KEYS):
+    data = event.data
+    if not _mentions(data, _GEMINI_NOT_PLAIN) and _GEMINI_TEXT.search(data):
+        said, thought = _GEMINI_ANSWER.search(data), _GEMINI_THOUGHTS.search(data)
+        if said is None and thought is None:
+            return _TOKEN
+        count = (int(said[1]) if said else 0) + (int(thought[1]) if thought else 0)
+        return EventFacts(True, False, count, False)
+    if not _mentions(data, _GEMINI_KEYS):
         return NOTHING
-    obj = _obj(event.data)
+    obj = _obj(data)
     token = terminal = False
     for candidate in map(_dict, _list(obj.get("candidates"))):
         for part in map(_dict, _list(_dict(candidate.get("content")).get("parts"))):
@@ -338,7 +360,10 @@ def _kind(event: SSEEvent) -> bytes:
 
 
 def _mentions(data: bytes, needles: tuple[bytes, ...]) -> bool:
-    return any(needle in data for needle in needles)
+    for needle in needles:  # noqa: SIM110  # a loop: any() over a generator costs ~2x more
+        if needle in data:
+            return True
+    return False
 
 
 def _compact_nonempty(data: bytes, needle: bytes) -> bool:

@@ -158,16 +158,17 @@ class Exchange:
         self.observer = StreamObserver("unknown", "none", self.arrived)
         self.error: ProxyError | None = None
         self.client_gone = False
+        self.interrupted = False  # the pump was cancelled by _interrupt()
         self.wants_stream = False
         self.upstream_answered = False
         self.committed = False  # 200 + SSE headers sent before the upstream answered
-        self.pump_task: asyncio.Task[Outcome] | None = None
+        self.pump_task: asyncio.Task[Any] | None = None
 
     # -- the request ---------------------------------------------------------------
 
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(request_id=self._request_id())
-        outcome: Outcome = "completed"
+        outcome: Outcome = "upstream_error"  # if anything unforeseen escapes below
         try:
             try:
                 route = self._route()
@@ -311,8 +312,11 @@ class Exchange:
             else:
                 start = {"type": "http.response.start", "status": self.status, "headers": headers}
                 await self.send(start)
-            keepalive = is_sse and identity and self.app.keepalive.interval > 0
-            return await self._stream(response, keepalive, can_frame_error=is_sse and identity)
+            # Bytes may be added only to an identity-encoded SSE body framed by chunks: a
+            # comment inside gzip corrupts it, and past a Content-Length it is an error.
+            insertable = is_sse and identity and hdrs.get(headers, b"content-length") is None
+            keepalive = insertable and self.app.keepalive.interval > 0
+            return await self._stream(response, keepalive, can_frame_error=insertable)
         finally:
             await response.aclose()
 
@@ -331,6 +335,7 @@ class Exchange:
             if streamed:
                 self.app.metrics.streams_active.labels(self.upstream_name).dec()
         if outcome in ("completed", "upstream_disconnect") and self.error is None:
+            await response.aclose()  # back to the pool before the client sees the end
             await self.send({"type": "http.response.body", "body": b"", "more_body": False})
         elif outcome != "client_disconnect" and can_frame_error and self.observer.at_event_boundary:
             await self._send_error_frame(self.error or UpstreamError("upstream failed"))
@@ -341,24 +346,38 @@ class Exchange:
     async def _run_pump(
         self, response: UpstreamResponse, writer: Downstream, keepalive: bool
     ) -> Outcome:
-        async with asyncio.TaskGroup() as group:
-            pump = self.pump_task = group.create_task(self._pump(response, writer))
-            helpers = [group.create_task(self._watch_disconnect())]
-            if keepalive:
-                writer.lock = asyncio.Lock()
-                interval = self.app.keepalive.interval
-                line = self.app.keepalive_line
-                helpers.append(group.create_task(run_keepalive(writer, interval, line)))
-            pump.add_done_callback(lambda _: [task.cancel() for task in helpers])
-        if pump.cancelled():
+        """Pump in this task, with the disconnect watcher and the keepalive timer beside it.
+
+        A client disconnect or a drain abort stops the pump the only way a pending read
+        can be stopped: by cancelling this task (`_interrupt`). The flag set first says
+        why, so a cancellation from anyone else still propagates."""
+        self.pump_task = asyncio.current_task()
+        try:
+            async with asyncio.TaskGroup() as group:
+                helpers = [group.create_task(self._watch_disconnect())]
+                if keepalive:
+                    writer.lock = asyncio.Lock()
+                    interval = self.app.keepalive.interval
+                    line = self.app.keepalive_line
+                    helpers.append(group.create_task(run_keepalive(writer, interval, line)))
+                try:
+                    return await self._pump(response, writer)
+                finally:
+                    for helper in helpers:
+                        helper.cancel()
+        except asyncio.CancelledError:
+            if not self.interrupted or self.pump_task is None:
+                raise
+            self.pump_task.uncancel()
             return "client_disconnect" if self.client_gone else "upstream_error"
-        return pump.result()
 
     async def _pump(self, response: UpstreamResponse, writer: Downstream) -> Outcome:
         """Relay the body: one await per chunk, nothing read ahead."""
         read = response.read
         try:
             while chunk := await read():
+                if response.finished:  # the last piece: free the connection before the
+                    await response.aclose()  # client can see the end and send again
                 await writer.write(chunk)
         except UpstreamError as exc:
             self.error = exc
@@ -371,15 +390,18 @@ class Exchange:
             message = await self.receive()
             if message["type"] == "http.disconnect":
                 self.client_gone = True
-                if self.pump_task is not None:
-                    self.pump_task.cancel()
+                self._interrupt()
                 return
 
     def abort(self, error: UpstreamError) -> None:
         """End this stream as an upstream failure (used by the drain on shutdown)."""
         if self.error is None:
             self.error = error
-        if self.pump_task is not None:
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        if not self.interrupted and self.pump_task is not None:
+            self.interrupted = True
             self.pump_task.cancel()
 
     async def _send_error_response(self, exc: ProxyError) -> None:

@@ -40,7 +40,7 @@ without its closing blank line is dropped (WHATWG), so `finish` returns no event
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["SSEEvent", "SSEScanner"]
 
@@ -51,9 +51,9 @@ _COLON = 0x3A
 _LINE_SLACK = 8  # len(b"event: ") + 1: a line may exceed the data limit by its field name
 
 
-@dataclass(frozen=True, slots=True)
-class SSEEvent:
-    """One dispatched server-sent event."""
+class SSEEvent(NamedTuple):
+    """One dispatched server-sent event (a NamedTuple: built once per event on the hot
+    path, and a tuple is several times cheaper to make than a frozen dataclass)."""
 
     event: bytes | None
     """The ``event:`` field's value; None when the event had no ``event:`` line."""
@@ -103,6 +103,17 @@ class SSEScanner:
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Scan the next chunk of the stream; return the events it dispatched."""
+        if (
+            chunk[-2:] == b"\n\n"
+            and chunk[:6] == b"data: "
+            and self._bom < 0
+            and not (self._partial_len or self._pending or self._skip_lf)
+            and chunk.count(b"\n") == 2
+            and b"\r" not in chunk
+            and len(chunk) - 8 <= self._max
+        ):
+            # Fast path for the common chunk: exactly one whole single-line data event.
+            return [SSEEvent(None, chunk[6:-2], False)]
         if self._bom >= 0:
             chunk = self._skip_bom(chunk)
         if self._skip_lf and chunk:

@@ -204,11 +204,12 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamResponse:
     """A response whose body is read with `read()`; `close()` releases the connection."""
 
-    __slots__ = ("_conn", "_pool", "headers", "status")
+    __slots__ = ("_closed", "_conn", "_pool", "headers", "status")
 
     def __init__(self, pool: UpstreamPool, conn: UpstreamConnection) -> None:
         self._pool = pool
         self._conn = conn
+        self._closed = False
         self.status = conn.status
         self.headers = conn.headers
 
@@ -229,8 +230,17 @@ class UpstreamResponse:
                 raise conn.error
             await conn.wait()
 
+    @property
+    def finished(self) -> bool:
+        """The whole body has been read (the next `read()` returns b"")."""
+        return self._conn.message_done and not self._conn.pieces
+
     async def aclose(self) -> None:
-        """Give the connection back if the body was read to its end; close it otherwise."""
+        """Give the connection back if the body was read to its end; close it otherwise.
+        Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         conn = self._conn
         conn.stop_silence_timer()
         if conn.message_done and not conn.pieces and conn.error is None:

@@ -408,3 +408,17 @@ def test_fuzz_sse_shaped_chunks(chunks: list[bytes], max_event_bytes: int) -> No
     events, seen = chunked(chunks, max_event_bytes)
     assert events == reference(data, max_event_bytes)
     assert seen == [reference_flags(data[:end]) for end in ends]
+
+
+@given(st.binary().filter(lambda b: b"\n" not in b and b"\r" not in b))
+def test_fast_path_agrees_with_general_path(value: bytes) -> None:
+    """The one-event fast path gives the same event as the general line scanner."""
+    chunk = b"data: " + value + b"\n\n"
+    fast = SSEScanner()
+    fast.feed(b": warm-up\n")  # decide the BOM so the fast path is eligible
+    general = SSEScanner()
+    general.feed(b": warm-up\n")
+    general.feed(chunk[:1])  # a held partial line forces the general path
+    assert fast.feed(chunk) == general.feed(chunk[1:])
+    assert fast.at_event_boundary
+    assert general.at_event_boundary

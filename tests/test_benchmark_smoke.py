@@ -1,0 +1,102 @@
+"""The benchmark works end to end: `benchmarks/run.py --quick` against direct, streamproxy
+and (when installed, as in CI) nginx. Its numbers are not checked: CI machines vary."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _targets() -> list[str]:
+    nginx = shutil.which("nginx") or os.access("/usr/sbin/nginx", os.X_OK)
+    return ["direct", "streamproxy", *(["nginx"] if nginx else [])]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """One `--quick` run (10 streams x 20 events and the like) shared by the tests below."""
+    base = tmp_path_factory.mktemp("bench")
+    targets = _targets()
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "run.py"),
+        "--quick",
+        "--out",
+        str(base / "results"),
+        "--work-dir",
+        str(base / "work"),
+        "--targets",
+        ",".join(targets),
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the runner stops every server it started
+        _, stderr = proc.communicate(timeout=30)
+        pytest.fail(f"benchmarks/run.py --quick took over 60 s:\n{stderr[-4000:]}")
+    assert proc.returncode == 0, stderr[-4000:]
+    return base / "results", targets
+
+
+def _results(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "results.json").read_text())
+
+
+def test_results_files_exist(quick_run):
+    """A run writes the table, the raw numbers and the plot into the results folder."""
+    folder, _ = quick_run
+    for name in ("results.md", "results.json", "latency-cdf.png"):
+        assert (folder / name).stat().st_size > 0, name
+
+
+def test_table_has_a_row_per_target(quick_run):
+    """results.md has one measured row per target (none skipped or failed)."""
+    folder, targets = quick_run
+    lines = (folder / "results.md").read_text().splitlines()
+    for target in targets:
+        rows = [line for line in lines if line.startswith(f"| {target} |")]
+        assert rows, f"no row for {target}"
+        assert "skipped" not in rows[0]
+        assert "FAILED" not in rows[0]
+    assert _results(folder)["not_run"] == {}
+
+
+def test_every_event_arrived_byte_exact(quick_run):
+    """Through every target, every event arrived, byte for byte and in order, and no
+    stream failed."""
+    folder, targets = quick_run
+    results = _results(folder)
+    for target in targets:
+        summary = results["summaries"][target]
+        assert summary["byte_exact"], (target, summary["not_exact"], summary["out_of_order"])
+        assert summary["errors"] == {}, (target, summary["errors"])
+    for m in results["measurements"]:
+        assert m["events"] > 0, (m["target"], m["phase"])
+        if m["phase"] in ("light", "load"):
+            assert m["ok"] == m["streams"], (m["target"], m["phase"], m["errors"])
+            assert m["events"] == m["streams"] * m["spec"]["events"], (m["target"], m["phase"])
+
+
+def test_plot_is_a_valid_png(quick_run):
+    """latency-cdf.png is a PNG: signature, then an IHDR chunk with a sane size."""
+    folder, _ = quick_run
+    data = (folder / "latency-cdf.png").read_bytes()
+    assert data.startswith(PNG_SIGNATURE)
+    length, kind, width, height = struct.unpack(">I4sII", data[8:24])
+    assert (length, kind) == (13, b"IHDR")
+    assert 100 < width < 5000
+    assert 100 < height < 5000
+    assert data.endswith(b"IEND\xaeB`\x82")
