@@ -147,6 +147,8 @@ class UpstreamConfig:
     strip_prefix: bool = False
     connect_timeout: float = 10.0
     read_timeout: float = 300.0
+    api_key_env: str | None = None  # inject the key held by this environment variable
+    api_key_header: str = "authorization"  # ...as this header ("Bearer <key>" for authorization)
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,6 +368,18 @@ def _path_prefix(value: object) -> str:
     return value.rstrip("/") or "/"
 
 
+# Where each API takes its key: OpenAI (Bearer), Anthropic, Azure OpenAI, Gemini.
+API_KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env_name(value: object) -> str:
+    """The name of an environment variable."""
+    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
+        raise ValueError(f"must be an environment variable name, got {_describe(value)}")
+    return value
+
+
 _SECTIONS: dict[str, tuple[Callable[..., Any], dict[str, Parser]]] = {
     "listen": (ListenConfig, {"host": _text, "port": _int_in(0, 65535), "workers": _int_in(1)}),
     "admin": (AdminConfig, {"host": _text, "port": _int_in(0, 65535)}),
@@ -399,6 +413,8 @@ _UPSTREAM_FIELDS: dict[str, Parser] = {
     "strip_prefix": _bool,
     "connect_timeout": _duration(zero_ok=False),
     "read_timeout": _duration(zero_ok=False),
+    "api_key_env": _env_name,
+    "api_key_header": _choice(*API_KEY_HEADERS),
 }
 _TOP_LEVEL = [*_SECTIONS, "upstreams"]
 
@@ -623,6 +639,10 @@ def load_config(path: Path | None, env: Mapping[str, str]) -> Config:
     problems: list[Problem] = []
     sources = _overlay(raw, env, problems)
     config = _validate(raw, problems)
+    for index, upstream in enumerate(config.upstreams):
+        if upstream.api_key_env and not env.get(upstream.api_key_env):
+            message = f"environment variable {upstream.api_key_env} is not set"
+            problems.append(Problem(f"upstreams[{index}].api_key_env", message))
     if problems:
         raise ConfigError(
             [

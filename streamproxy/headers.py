@@ -89,6 +89,17 @@ def request_headers(
     return out
 
 
+CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key", b"x-goog-api-key"})
+
+
+def with_credential(headers: Headers, credential: tuple[bytes, bytes]) -> Headers:
+    """The upstream's own key in place of any key the client sent (with injection on,
+    apps may send a dummy key, and it must not reach the upstream)."""
+    kept = [(name, value) for name, value in headers if name not in CREDENTIAL_HEADERS]
+    kept.append(credential)
+    return kept
+
+
 def response_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[Headers, bool]:
     """Headers to send downstream, and whether the body is SSE.
 

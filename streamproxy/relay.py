@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 import orjson
@@ -70,8 +71,9 @@ class ProxyApp:
         self,
         config: Config,
         metrics: Metrics,
+        env: Mapping[str, str] | None = None,
     ) -> None:
-        self.routes = RouteTable(config.upstreams)
+        self.routes = RouteTable(config.upstreams, os.environ if env is None else env)
         self.pools = {u.name: UpstreamPool(u) for u in config.upstreams}
         self.keepalive = config.keepalive
         self.keepalive_line = comment_line(config.keepalive.comment)
@@ -229,6 +231,8 @@ class Exchange:
         headers = hdrs.request_headers(
             self.scope["headers"], client[0] if client else None, self.scope["scheme"]
         )
+        if route.credential is not None:
+            headers = hdrs.with_credential(headers, route.credential)
         target = route.target(self.raw_path, self.scope["query_string"])
         return await self.app.pools[route.upstream.name].request(self.method, target, headers, body)
 

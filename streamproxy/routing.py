@@ -7,7 +7,7 @@ line, Host header or path (absolute-form, `//host/x`, CONNECT) can choose anothe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -22,6 +22,7 @@ class Route:
     upstream: UpstreamConfig
     prefix: bytes  # path_prefix, no trailing slash ("/" stays "/")
     base_path: bytes  # the upstream URL's own path, no trailing slash ("" for none)
+    credential: tuple[bytes, bytes] | None  # the header injected from api_key_env
 
     def matches(self, raw_path: bytes) -> bool:
         """Segment-wise prefix match: /v1 matches /v1 and /v1/x, not /v10."""
@@ -45,8 +46,8 @@ class Route:
 class RouteTable:
     """Longest matching path_prefix wins (the contract)."""
 
-    def __init__(self, upstreams: Sequence[UpstreamConfig]) -> None:
-        routes = [_make_route(u) for u in upstreams]
+    def __init__(self, upstreams: Sequence[UpstreamConfig], env: Mapping[str, str]) -> None:
+        routes = [_make_route(u, env) for u in upstreams]
         self.routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
 
     def match(self, raw_path: bytes) -> Route:
@@ -68,11 +69,21 @@ def check_target(raw_path: bytes) -> None:
         raise BadTarget("request path must not contain '..' segments")
 
 
-def _make_route(upstream: UpstreamConfig) -> Route:
+def _make_route(upstream: UpstreamConfig, env: Mapping[str, str]) -> Route:
     parts = urlsplit(upstream.url)
     prefix = upstream.path_prefix.rstrip("/") or "/"
     return Route(
         upstream=upstream,
         prefix=prefix.encode("ascii"),
         base_path=parts.path.rstrip("/").encode("ascii"),
+        credential=_credential(upstream, env),
     )
+
+
+def _credential(upstream: UpstreamConfig, env: Mapping[str, str]) -> tuple[bytes, bytes] | None:
+    """The key header for `api_key_env`, read once at start-up (config.py checked it is set)."""
+    if not upstream.api_key_env:
+        return None
+    key = env.get(upstream.api_key_env, "").strip().encode("latin-1")
+    header = upstream.api_key_header.encode("ascii")
+    return (header, b"Bearer " + key if header == b"authorization" else key)

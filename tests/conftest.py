@@ -67,6 +67,7 @@ def start_proxy() -> ProxyFactory:
         http: str = "httptools",
         keepalive: float = 15.0,
         before_headers: bool = False,
+        env: dict[str, str] | None = None,
         **overrides: Any,
     ) -> Iterator[RunningProxy]:
         upstreams = (
@@ -81,7 +82,7 @@ def start_proxy() -> ProxyFactory:
             **overrides,
         )
         registry = CollectorRegistry()
-        app = ProxyApp(config, Metrics(registry, config.metrics))
+        app = ProxyApp(config, Metrics(registry, config.metrics), env=env or {})
         with serve_app(app, http=http, cleanup=app.aclose, **UVICORN_OPTIONS) as url:
             yield RunningProxy(url, app, registry)
 

@@ -207,7 +207,10 @@ def test_root_config_yaml_has_every_key() -> None:
     for section in ("listen", "admin", "keepalive", "logging", "shutdown", "limits", "metrics"):
         cls = type(getattr(Config(), section))
         assert set(data[section]) == {f.name for f in dataclasses.fields(cls)}, section
-    assert set(data["upstreams"][0]) == {f.name for f in dataclasses.fields(UpstreamConfig)}
+    optional = {"api_key_env"}  # no default value: documented in a comment
+    upstream_keys = {f.name for f in dataclasses.fields(UpstreamConfig)}
+    assert set(data["upstreams"][0]) == upstream_keys - optional
+    assert all(f"# {key}:" in ROOT_CONFIG.read_text(encoding="utf-8") for key in optional)
 
 
 def test_root_config_yaml_comments_every_line() -> None:
@@ -783,3 +786,13 @@ def test_summary_of_two_upstreams_and_ipv6(load: Loader) -> None:
         "anthropic -> https://api.anthropic.com at /anthropic), "
         "listen 0.0.0.0:8080, admin [::1]:9090"
     )
+
+
+def test_api_key_env_must_be_set(tmp_path: Path) -> None:
+    """An upstream naming api_key_env needs that variable in the environment."""
+    path = tmp_path / "c.yaml"
+    path.write_text("upstreams:\n  - {name: a, url: 'https://x', api_key_env: MY_KEY}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, {})
+    assert [p.key_path for p in raised.value.problems] == ["upstreams[0].api_key_env"]
+    assert load_config(path, {"MY_KEY": "k"}).upstreams[0].api_key_env == "MY_KEY"

@@ -172,3 +172,30 @@ def test_request_body_limit_is_413(start_proxy, mock_url):
             raw_body=b"3e9\r\n" + b"x" * 1001 + b"\r\n0\r\n\r\n",
         )
         assert chunked.status == 413
+
+
+def test_api_key_injection_replaces_client_keys(start_proxy, mock_url):
+    """With api_key_env, the upstream gets the proxy's key in the configured header and
+    none of the keys the client sent."""
+    upstreams = [
+        UpstreamConfig(
+            name="oa", url=mock_url, path_prefix="/oa", strip_prefix=True, api_key_env="OA_KEY"
+        ),  # fmt: skip
+        UpstreamConfig(
+            name="an",
+            url=mock_url,
+            path_prefix="/an",
+            strip_prefix=True,
+            api_key_env="AN_KEY",
+            api_key_header="x-api-key",
+        ),  # fmt: skip
+    ]
+    client_keys = [("authorization", "Bearer dummy"), ("x-api-key", "dummy")]
+    env = {"OA_KEY": "sk-real-openai", "AN_KEY": "sk-ant-real"}
+    with start_proxy(upstreams, env=env) as proxy:
+        oa = _headers(_echo(client.request(proxy.url, "GET", "/oa/echo/x", client_keys)))
+        an = _headers(_echo(client.request(proxy.url, "GET", "/an/echo/x", client_keys)))
+    assert oa["authorization"] == ["Bearer sk-real-openai"]
+    assert "x-api-key" not in oa
+    assert an["x-api-key"] == ["sk-ant-real"]
+    assert "authorization" not in an
