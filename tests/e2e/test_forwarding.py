@@ -180,7 +180,7 @@ def test_api_key_injection_replaces_client_keys(start_proxy, mock_url):
     upstreams = [
         UpstreamConfig(
             name="oa", url=mock_url, path_prefix="/oa", strip_prefix=True, api_key_env="OA_KEY"
-        ),  # fmt: skip
+        ),
         UpstreamConfig(
             name="an",
             url=mock_url,
@@ -188,7 +188,7 @@ def test_api_key_injection_replaces_client_keys(start_proxy, mock_url):
             strip_prefix=True,
             api_key_env="AN_KEY",
             api_key_header="x-api-key",
-        ),  # fmt: skip
+        ),
     ]
     client_keys = [("authorization", "Bearer dummy"), ("x-api-key", "dummy")]
     env = {"OA_KEY": "sk-real-openai", "AN_KEY": "sk-ant-real"}
