@@ -3,7 +3,7 @@
 # Idempotent; needs root on a machine that lacks them.
 set -euo pipefail
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
-if have nginx && have haproxy; then
+if have nginx && have haproxy && have promtool; then
   exit 0
 fi
 [ "$(id -u)" = 0 ] || { echo "install-system: run as root to install nginx and haproxy" >&2; exit 1; }
@@ -16,7 +16,8 @@ if [ ! -e "$policy" ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends nginx haproxy >/dev/null
+# nginx/haproxy: the load-balancer tests; prometheus: promtool checks the alert rules.
+apt-get install -y -qq --no-install-recommends nginx haproxy prometheus >/dev/null
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-  systemctl disable --now nginx haproxy >/dev/null 2>&1 || true
+  systemctl disable --now nginx haproxy prometheus >/dev/null 2>&1 || true
 fi

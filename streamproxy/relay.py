@@ -160,37 +160,58 @@ class Exchange:
         self.observer = StreamObserver("unknown", "none", self.arrived)
         self.error: ProxyError | None = None
         self.client_gone = False
-        self.interrupted = False  # the pump was cancelled by _interrupt()
+        self.interrupted = False  # this exchange's task was cancelled by _interrupt()
+        self.interrupt_absorbed = False
+        self.accounted = False
         self.wants_stream = False
         self.upstream_answered = False
         self.committed = False  # 200 + SSE headers sent before the upstream answered
-        self.pump_task: asyncio.Task[Any] | None = None
+        self.task: asyncio.Task[Any] | None = None  # the task running this exchange
+        self.group: asyncio.TaskGroup | None = None  # owns the watcher and the timers
 
     # -- the request ---------------------------------------------------------------
 
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(request_id=self._request_id())
+        self.task = asyncio.current_task()
         outcome: Outcome = "upstream_error"  # if anything unforeseen escapes below
         try:
-            try:
-                route = self._route()
-                body = await self._read_body()
-                self.wants_stream = _wants_stream(
-                    self.api, self.scope["path"], self.scope["headers"], body
-                )
-                if self._commits_early():
-                    response = await self._open_committing_early(route, body)
-                else:
-                    response = await self._open_upstream(route, body)
-            except ProxyError as exc:
-                outcome = _failure_outcome(exc)
-                await self._send_error_response(exc)
-                return
-            outcome = await self._relay(response)
+            outcome = await self._serve()
         except ClientDisconnected:
             outcome = "client_disconnect"
+        except asyncio.CancelledError:
+            if not self._uncancel_interrupt():
+                raise
+            outcome = "client_disconnect" if self.client_gone else "upstream_error"
         finally:
             self._account(outcome)
+
+    async def _serve(self) -> Outcome:
+        try:
+            route = self._route()
+            body = await self._read_body()
+        except ProxyError as exc:
+            return await self._send_error_response(exc)
+        self.wants_stream = _wants_stream(self.api, self.path, self.scope["headers"], body)
+        # From here on a watcher on receive() notices a client that leaves, whether the
+        # upstream is still thinking about its headers or already streaming.
+        async with asyncio.TaskGroup() as group:
+            self.group = group
+            watcher = group.create_task(self._watch_disconnect())
+            try:
+                return await self._open_and_relay(route, body)
+            finally:
+                watcher.cancel()
+
+    async def _open_and_relay(self, route: Route, body: bytes) -> Outcome:
+        try:
+            if self._commits_early():
+                response = await self._open_committing_early(route, body)
+            else:
+                response = await self._open_upstream(route, body)
+        except ProxyError as exc:
+            return await self._send_error_response(exc)
+        return await self._relay(response)
 
     def _request_id(self) -> str:
         value: bytes | None = hdrs.get(self.scope["headers"], b"x-request-id")
@@ -248,40 +269,29 @@ class Exchange:
 
         The trade-off (README): once 200 is committed, an upstream error status can only
         reach the client as the contract's SSE error event."""
-        interval = self.app.keepalive.interval
-        async with asyncio.TaskGroup() as group:
-            opening = group.create_task(_outcome_of(self._open_upstream(route, body)))
-            gone = group.create_task(self._wait_for_disconnect())
-            waiting = {opening, gone}
-            done, _ = await asyncio.wait(waiting, timeout=interval, return_when="FIRST_COMPLETED")
-            while not done:
+        assert self.group is not None
+        opening = self.group.create_task(_outcome_of(self._open_upstream(route, body)))
+        try:
+            while not (await asyncio.wait({opening}, timeout=self.app.keepalive.interval))[0]:
                 if not self.committed:
                     self.committed = True
-                    await self.send(
-                        {"type": "http.response.start", "status": 200, "headers": EARLY_HEADERS}
-                    )
-                message = {"type": "http.response.body", "body": self.app.keepalive_line,
-                           "more_body": True}  # fmt: skip
-                await self.send(message)
+                    self.status = 200
+                    start = {"type": "http.response.start", "status": 200, "headers": EARLY_HEADERS}
+                    await self.send(start)
+                line = self.app.keepalive_line
+                await self.send({"type": "http.response.body", "body": line, "more_body": True})
                 self._count_keepalive()
-                done, _ = await asyncio.wait(
-                    waiting, timeout=interval, return_when="FIRST_COMPLETED"
-                )
-            (gone if opening in done else opening).cancel()
-        if gone in done:
-            self.client_gone = True
-            opened = opening.result() if opening.done() else None
-            if isinstance(opened, UpstreamResponse):
-                await opened.aclose()
-            raise ClientDisconnected
+        except asyncio.CancelledError:  # interrupted: the client left, or the drain ended it
+            opening.cancel()
+            if opening.done() and not opening.cancelled():
+                result = opening.result()
+                if isinstance(result, UpstreamResponse):
+                    await result.aclose()
+            raise
         result = opening.result()
         if isinstance(result, ProxyError):
             raise result
         return result
-
-    async def _wait_for_disconnect(self) -> None:
-        while (await self.receive())["type"] != "http.disconnect":
-            pass
 
     async def _frame_upstream_error_status(self, response: UpstreamResponse) -> Outcome:
         """After an early commit, an upstream error status becomes the SSE error event."""
@@ -340,6 +350,7 @@ class Exchange:
                 self.app.metrics.streams_active.labels(self.upstream_name).dec()
         if outcome in ("completed", "upstream_disconnect") and self.error is None:
             await response.aclose()  # back to the pool before the client sees the end
+            self._account(outcome)  # so are the metrics
             await self.send({"type": "http.response.body", "body": b"", "more_body": False})
         elif outcome != "client_disconnect" and can_frame_error and self.observer.at_event_boundary:
             await self._send_error_frame(self.error or UpstreamError("upstream failed"))
@@ -350,30 +361,27 @@ class Exchange:
     async def _run_pump(
         self, response: UpstreamResponse, writer: Downstream, keepalive: bool
     ) -> Outcome:
-        """Pump in this task, with the disconnect watcher and the keepalive timer beside it.
+        """Pump in this task, with the keepalive timer beside it (and the disconnect
+        watcher started by `_serve`).
 
         A client disconnect or a drain abort stops the pump the only way a pending read
         can be stopped: by cancelling this task (`_interrupt`). The flag set first says
         why, so a cancellation from anyone else still propagates."""
-        self.pump_task = asyncio.current_task()
+        timer = None
+        if keepalive:
+            assert self.group is not None
+            writer.lock = asyncio.Lock()
+            interval, line = self.app.keepalive.interval, self.app.keepalive_line
+            timer = self.group.create_task(run_keepalive(writer, interval, line))
         try:
-            async with asyncio.TaskGroup() as group:
-                helpers = [group.create_task(self._watch_disconnect())]
-                if keepalive:
-                    writer.lock = asyncio.Lock()
-                    interval = self.app.keepalive.interval
-                    line = self.app.keepalive_line
-                    helpers.append(group.create_task(run_keepalive(writer, interval, line)))
-                try:
-                    return await self._pump(response, writer)
-                finally:
-                    for helper in helpers:
-                        helper.cancel()
+            return await self._pump(response, writer)
         except asyncio.CancelledError:
-            if not self.interrupted or self.pump_task is None:
+            if not self._uncancel_interrupt():
                 raise
-            self.pump_task.uncancel()
             return "client_disconnect" if self.client_gone else "upstream_error"
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def _pump(self, response: UpstreamResponse, writer: Downstream) -> Outcome:
         """Relay the body: one await per chunk, nothing read ahead."""
@@ -404,15 +412,23 @@ class Exchange:
         self._interrupt()
 
     def _interrupt(self) -> None:
-        if not self.interrupted and self.pump_task is not None:
+        if not self.interrupted and self.task is not None:
             self.interrupted = True
-            self.pump_task.cancel()
+            self.task.cancel()
 
-    async def _send_error_response(self, exc: ProxyError) -> None:
+    def _uncancel_interrupt(self) -> bool:
+        """Absorb the cancellation `_interrupt` caused (once); False if it was not ours."""
+        if not self.interrupted or self.interrupt_absorbed or self.task is None:
+            return False
+        self.interrupt_absorbed = True
+        self.task.uncancel()
+        return True
+
+    async def _send_error_response(self, exc: ProxyError) -> Outcome:
         self.error = exc
         if self.committed:  # 200 is on the wire: the error can only be an SSE event
             await self._send_error_frame(exc, status=exc.status)
-            return
+            return _failure_outcome(exc)
         self.status = exc.status
         anthropic = self.api == "anthropic"
         body = json_error_body(exc, anthropic=anthropic)
@@ -421,7 +437,9 @@ class Exchange:
             (b"content-length", str(len(body)).encode("ascii")),
         ]
         await self.send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        self._account(_failure_outcome(exc))  # counted before the client sees the end
         await self.send({"type": "http.response.body", "body": body, "more_body": False})
+        return _failure_outcome(exc)
 
     # -- accounting ----------------------------------------------------------------
 
@@ -433,6 +451,10 @@ class Exchange:
         self.app.metrics.keepalives.labels(self.upstream_name).inc()
 
     def _account(self, outcome: Outcome) -> None:
+        """Record the exchange in metrics and the access log, once."""
+        if self.accounted:
+            return
+        self.accounted = True
         error = self.error
         if isinstance(error, UpstreamError):
             self.app.metrics.upstream_errors.labels(self.upstream_name, error.reason).inc()

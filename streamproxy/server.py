@@ -157,10 +157,30 @@ def run(config: Config) -> int:
         log.error("cannot listen", error=str(exc))
         return 1
     _announce(config, proxy_sock, admin_sock)
-    if config.listen.workers == 1:
-        run_event_loop(serve(config, proxy_sock, admin_sock))
-        return 0
-    return _supervise(config, proxy_sock, admin_sock)
+    metrics_dir = _prepare_metrics_dir(config.listen.workers)
+    try:
+        if config.listen.workers == 1:
+            run_event_loop(serve(config, proxy_sock, admin_sock))
+            return 0
+        return _supervise(config, proxy_sock, admin_sock)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _prepare_metrics_dir(workers: int) -> str | None:
+    """A fresh, empty PROMETHEUS_MULTIPROC_DIR when there are several workers or the
+    environment names one: stale files from an earlier run would be counted again, and
+    a missing directory would fail every write. Set before any worker imports
+    prometheus_client (the multiprocess mode is fixed at import)."""
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if metrics_dir is None and workers == 1:
+        return None
+    metrics_dir = metrics_dir or tempfile.mkdtemp(prefix="streamproxy-metrics-")
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    os.makedirs(metrics_dir)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    return metrics_dir
 
 
 def _announce(config: Config, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
@@ -183,12 +203,6 @@ def _worker(config: Config, proxy_sock: socket.socket, admin_sock: socket.socket
 
 
 def _supervise(config: Config, proxy_sock: socket.socket, admin_sock: socket.socket) -> int:
-    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
-        prefix="streamproxy-metrics-"
-    )
-    shutil.rmtree(metrics_dir, ignore_errors=True)  # stale files from a previous run
-    os.makedirs(metrics_dir)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     from prometheus_client import multiprocess
 
     context = multiprocessing.get_context("spawn")
@@ -221,6 +235,5 @@ def _supervise(config: Config, proxy_sock: socket.socket, admin_sock: socket.soc
                 workers.append(start())
             elif process.exitcode != 0:
                 failed = True
-    shutil.rmtree(metrics_dir, ignore_errors=True)
     sys.stderr.flush()
     return 1 if failed else 0

@@ -52,7 +52,8 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]
 
 
 def _results(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / "results.json").read_text())
+    results: dict[str, Any] = json.loads((folder / "results.json").read_text())
+    return results
 
 
 def test_results_files_exist(quick_run):

@@ -1,0 +1,1000 @@
+"""Run the streamproxy benchmark: every target side by side, in one run, on loopback.
+
+    python benchmarks/run.py [--quick] [--out DIR] [--rounds N]
+                             [--targets direct,nginx,naive,streamproxy,streamproxy-w2]
+
+Starts the fake SSE upstream (upstream.py) and every target on 127.0.0.1, drives each
+with the same load (loadgen.py), and writes `results.md`, `results.json` and
+`latency-cdf.png` into the out folder (default `benchmarks/results/<date>/`). Targets:
+
+- direct: the load generator straight to the upstream (the floor every figure is added to);
+- nginx: nginx from the system (1 worker, `proxy_buffering off`, upstream keepalive);
+- naive: naive_relay.py (Starlette StreamingResponse + httpx, uvicorn defaults);
+- streamproxy: `python -m streamproxy serve` with its default config (keepalive and
+  metrics on, one worker); streamproxy-w2: the same with `--workers 2`.
+
+Phases (see `PHASES`): light (~1k events/s) and load (~10k events/s) run `--rounds` times,
+the targets in alternating order (reversed every other round); max (offered far above any
+target's capacity, cut at a time cap) runs once per target; mem starts each target afresh
+and holds many idle streams. Before each measurement the runner waits (bounded) until the
+target and the upstream are idle. Every child process runs in its own session and is
+killed on exit, Ctrl-C or error; server logs go to the work folder (`--work-dir`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import loadgen
+import psutil
+from loadgen import CDF_QUANTILES, LoadSpec
+
+HERE = Path(__file__).resolve().parent
+ALL_TARGETS = ["direct", "nginx", "naive", "streamproxy", "streamproxy-w2"]
+T0 = time.monotonic()
+
+
+# -- phases ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One kind of measurement: its load and how long it may take."""
+
+    name: str
+    streams: int
+    events: int  # per stream
+    interval_ms: float  # between events of one stream; 0 = as fast as the target reads
+    ramp_s: float  # streams open over this long
+    time_cap_s: float
+    about: str
+
+    def spec(self, url: str, size: int, procs: int) -> LoadSpec:
+        return LoadSpec(
+            url=url,
+            streams=self.streams,
+            events=self.events,
+            interval_ms=self.interval_ms,
+            size=size,
+            ramp_s=self.ramp_s,
+            time_cap_s=self.time_cap_s,
+            cut_expected=self.name == "max",
+            hold=self.name == "mem",
+            procs=procs,
+        )
+
+
+def phases(quick: bool, mem_streams: int | None) -> dict[str, Phase]:
+    """The four phases; `--quick` shrinks them to a smoke test of a few seconds."""
+    if quick:
+        found = [
+            Phase("light", 10, 20, 20, 0.05, 20, "10 streams x 20 events, 20 ms apart"),
+            Phase("load", 20, 20, 20, 0.05, 20, "20 streams x 20 events, 20 ms apart"),
+            Phase("max", 10, 10**7, 0, 0.05, 1, "10 streams, flood, cut after 1 s"),
+            Phase("mem", mem_streams or 50, 2, 60_000, 0.2, 30, "idle streams"),
+        ]
+    else:
+        found = [
+            Phase("light", 20, 100, 20, 0.1, 30, "20 streams x 50 ev/s (~1k ev/s), 100 events"),
+            Phase("load", 200, 200, 20, 0.2, 60, "200 streams x 50 ev/s (~10k ev/s), 200 events"),
+            Phase("max", 100, 10**7, 0, 0.1, 5, "100 streams, flood, cut after 5 s"),
+            Phase("mem", mem_streams or 1000, 2, 60_000, 1.0, 60, "idle streams"),
+        ]
+    return {phase.name: phase for phase in found}
+
+
+# -- child processes ---------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it if the runner dies (even by SIGKILL)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Service:
+    """A child process in its own session (so its whole tree can be signalled at once)."""
+
+    running: list[Service] = []  # noqa: RUF012 - every live service, for stop_all()
+
+    def __init__(self, name: str, argv: list[str], work: Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.log_path = work / "logs" / f"{name}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cwd = work / "targets" / name  # its own folder: nothing there shadows a package
+        cwd.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # safe: the runner starts no threads
+            )
+        Service.running.append(self)
+
+    def tree(self) -> list[psutil.Process]:
+        """The process and all its descendants (nginx workers, streamproxy workers)."""
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def stop(self) -> None:
+        """SIGTERM the session, SIGKILL what is left after 10 s."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        if self in Service.running:
+            Service.running.remove(self)
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for service in list(cls.running):
+            service.stop()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_status(port: int, path: str) -> int:
+    """The status of `GET path` on 127.0.0.1:port, 0 if it cannot be had."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    except OSError:
+        return 0
+    finally:
+        conn.close()
+
+
+def wait_ready(service: Service, port: int, path: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not service.alive():
+            raise RuntimeError(f"{service.name} exited:\n{service.log_tail()}")
+        if http_status(port, path) == 200:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{service.name} not ready after {timeout:.0f} s:\n{service.log_tail()}")
+
+
+# -- targets -----------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """Where the load generator connects, and the processes whose cost is measured."""
+
+    name: str
+    url: str
+    service: Service | None  # None for direct: no process of its own
+
+    def tree(self) -> list[psutil.Process]:
+        return self.service.tree() if self.service else []
+
+    def stop(self) -> None:
+        if self.service:
+            self.service.stop()
+
+
+class Skipped(Exception):
+    """A target that cannot run here (the note says why and goes into the table)."""
+
+
+class TargetDied(RuntimeError):
+    """A target's process exited while it was being measured."""
+
+
+def find_nginx(name: str) -> str | None:
+    """The nginx to run: `name` on PATH or as a path, else Debian's /usr/sbin/nginx."""
+    found = shutil.which(name)
+    if found or name != "nginx":
+        return found
+    return "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
+
+
+def start_target(name: str, upstream_port: int, work: Path, nginx: str | None) -> Target:
+    """Start one target and wait until it serves. Raises Skipped or RuntimeError."""
+    upstream = f"http://127.0.0.1:{upstream_port}"
+    if name == "direct":
+        return Target(name, upstream, None)
+    port = free_port()
+    folder = work / "targets" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if name == "nginx":
+        if nginx is None:
+            raise Skipped("nginx not found (apt-get install nginx, or --nginx PATH)")
+        conf = write_nginx_conf(folder, port, upstream_port)
+        service = Service(name, [nginx, "-e", "stderr", "-p", str(folder), "-c", str(conf)], work)
+        wait_ready(service, port, "/healthz")
+    elif name == "naive":
+        argv = [sys.executable, str(HERE / "naive_relay.py"), "--upstream", upstream]
+        service = Service(name, [*argv, "--port", str(port)], work)
+        wait_ready(service, port, "/healthz")
+    elif name in ("streamproxy", "streamproxy-w2"):
+        admin = free_port()
+        config = folder / "streamproxy.yaml"
+        config.write_text(streamproxy_config(port, admin, upstream))
+        argv = [sys.executable, "-m", "streamproxy", "serve", "--config", str(config)]
+        if name == "streamproxy-w2":
+            argv += ["--workers", "2"]
+        service = Service(name, argv, work, env=clean_env())
+        wait_ready(service, admin, "/readyz")
+    else:
+        raise ValueError(f"unknown target {name!r}")
+    return Target(name, f"http://127.0.0.1:{port}", service)
+
+
+def streamproxy_config(port: int, admin: int, upstream: str) -> str:
+    """streamproxy's default config, except loopback ports and the fake upstream."""
+    return (
+        "# Everything not set here is streamproxy's default (keepalive 15s, metrics on).\n"
+        f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+        f"admin: {{host: 127.0.0.1, port: {admin}}}\n"
+        "upstreams:\n"
+        f'  - {{name: bench, url: "{upstream}", path_prefix: /}}\n'
+    )
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without STREAMPROXY_* overrides: the default config is measured."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("STREAMPROXY_") and k != "PROMETHEUS_MULTIPROC_DIR"
+    }
+
+
+def write_nginx_conf(folder: Path, port: int, upstream_port: int) -> Path:
+    """nginx as a streaming reverse proxy, as its docs recommend for SSE."""
+    folder.chmod(0o755)  # the worker runs as nobody when nginx starts as root
+    for parent in folder.parents:
+        if parent == Path(tempfile.gettempdir()):
+            break
+        with contextlib.suppress(PermissionError):
+            parent.chmod(parent.stat().st_mode | 0o055)
+    conf = folder / "nginx.conf"
+    conf.write_text(f"""daemon off;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid {folder}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 10000; }}
+http {{
+    access_log {folder}/access.log;
+    client_body_temp_path {folder}/client_body;
+    proxy_temp_path {folder}/proxy;
+    fastcgi_temp_path {folder}/fastcgi;
+    uwsgi_temp_path {folder}/uwsgi;
+    scgi_temp_path {folder}/scgi;
+    upstream bench {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://bench;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+""")
+    return conf
+
+
+# -- measuring ---------------------------------------------------------------------------
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    """User + system CPU time of these processes (those that still exist)."""
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def rss_bytes(procs: list[psutil.Process]) -> int:
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += proc.memory_info().rss
+    return total
+
+
+def settle(procs: list[psutil.Process], limit_s: float) -> float:
+    """Wait until these processes use < ~5 % of a core (at most limit_s); seconds waited."""
+    start = time.monotonic()
+    window = 0.3
+    while time.monotonic() - start < limit_s:
+        before = cpu_seconds(procs)
+        time.sleep(window)
+        if cpu_seconds(procs) - before <= 0.015:  # psutil counts in 10 ms ticks
+            break
+    return time.monotonic() - start
+
+
+@dataclass
+class Bench:
+    """One run: settings, the upstream, and every measurement taken."""
+
+    args: argparse.Namespace
+    phases: dict[str, Phase]
+    upstream: Service
+    upstream_port: int
+    work: Path
+    nginx: str | None  # the binary, None when not found
+    measurements: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what went wrong, for results.md
+
+    def measure(
+        self, target: Target, phase: Phase, round_no: int, hold: Callable[[], None] | None = None
+    ) -> dict[str, Any]:
+        """Run one phase against one target; record CPU of the target and the harness."""
+        spec = phase.spec(target.url, self.args.size, self.args.procs)
+        tree, upstream = target.tree(), self.upstream.tree()
+        settled = settle(tree + upstream, self.args.settle_s)
+        cpu: dict[str, float] = {}
+
+        def start() -> None:
+            cpu["target"], cpu["upstream"] = cpu_seconds(tree), cpu_seconds(upstream)
+
+        def end() -> None:
+            cpu["target"] = cpu_seconds(tree) - cpu["target"]
+            cpu["upstream"] = cpu_seconds(upstream) - cpu["upstream"]
+
+        result = loadgen.run(spec, on_all_first=hold, on_start=start, on_end=end)
+        if target.service is not None and not target.service.alive():
+            code, last = target.service.proc.returncode, target.service.log_tail(1)
+            raise TargetDied(
+                f"{target.name} exited (code {code}) during the {phase.name} phase; "
+                f"last log line: {last[:300]}"
+            )
+        events = max(result["events"], 1)
+        result.update(
+            target=target.name,
+            phase=phase.name,
+            round=round_no,
+            settle_s=settled,
+            target_cpu_s=cpu["target"] if tree else None,
+            cpu_us_per_event=cpu["target"] / events * 1e6 if tree else None,
+            upstream_cpu_us_per_event=cpu["upstream"] / events * 1e6,
+            loadgen_cpu_us_per_event=result["loadgen_cpu_s"] / events * 1e6,
+        )
+        if phase.name == "max":
+            result["busy_after_cut_s"] = settle(tree, self.args.settle_s) if tree else None
+        self.measurements.append(result)
+        if phase.name != "mem":
+            progress(describe(result))
+        return result
+
+    def measure_memory(self, name: str) -> dict[str, Any]:
+        """Start `name` afresh, warm it, then hold idle streams and sample RSS."""
+        target = start_target(name, self.upstream_port, self.work, self.nginx)
+        try:
+            warm_up(target)
+            tree = target.tree()
+            settle(tree, self.args.settle_s)
+            baseline = rss_bytes(tree)
+            held: dict[str, int] = {}
+
+            def sample() -> None:
+                held["rss"] = rss_bytes(tree)
+                time.sleep(1.0)
+                held["rss_1s_later"] = rss_bytes(tree)
+
+            result = self.measure(target, self.phases["mem"], 0, hold=sample)
+        finally:
+            target.stop()
+        streams = max(result["events"], 1)  # each held stream got exactly one event
+        result.update(
+            rss_baseline=baseline,
+            rss_held=held.get("rss"),
+            rss_held_1s_later=held.get("rss_1s_later"),
+            rss_per_stream_kib=(held["rss"] - baseline) / streams / 1024 if held else None,
+        )
+        errors = sum(result["errors"].values())
+        progress(
+            f"{name} mem: {result['events']} idle streams, {fmt(result['rss_per_stream_kib'], 1)}"
+            f" KiB each, TTFB p99 {result['ttfb_ms']['p99']:.1f} ms, errors {errors}"
+        )
+        return result
+
+
+def warm_up(target: Target) -> None:
+    """A few short streams: imports, pools and caches are warm before anything counts."""
+    spec = LoadSpec(url=target.url, streams=20, events=5, interval_ms=5, ramp_s=0.05)
+    result = loadgen.run(spec)
+    if result["ok"] != spec.streams:
+        raise RuntimeError(f"{target.name}: warm-up failed: {result['errors']}")
+
+
+def describe(result: dict[str, Any]) -> str:
+    cpu = result["cpu_us_per_event"]
+    errors = sum(result["errors"].values())
+    where = f"round {result['round']} " if result["phase"] in ("light", "load") else ""
+    return (
+        f"{where}{result['target']} {result['phase']}: "
+        f"{result['events_per_s']:.0f} ev/s, p50 {result['latency_ms']['p50']:.3f} ms, "
+        f"p99 {result['latency_ms']['p99']:.3f} ms, TTFB p99 {result['ttfb_ms']['p99']:.3f} ms, "
+        f"CPU {'-' if cpu is None else f'{cpu:.1f}'} us/ev, errors {errors}, "
+        f"exact {'yes' if result['byte_exact'] else 'NO'}"
+    )
+
+
+def progress(message: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# -- the run -----------------------------------------------------------------------------
+
+
+def run_all(bench: Bench, names: list[str]) -> dict[str, str]:
+    """Every phase against every target; returns the targets not measured and why."""
+    not_run: dict[str, str] = {}
+    targets: list[Target] = []
+    for name in names:
+        try:
+            target = start_target(name, bench.upstream_port, bench.work, bench.nginx)
+            warm_up(target)
+        except Skipped as why:
+            not_run[name] = f"skipped: {why}"
+            progress(f"{name}: {not_run[name]}")
+            continue
+        except RuntimeError as error:
+            last = str(error).strip().splitlines()[-1]
+            not_run[name] = f"FAILED to start (logs/{name}.log in the work folder): {last}"
+            progress(f"{name}: {error}")
+            continue
+        targets.append(target)
+        progress(f"{name}: ready at {target.url}")
+    dead: set[str] = set()
+
+    def attempt(name: str, step: Callable[[], object]) -> None:
+        """Run one measurement; a target that dies is noted and measured no further."""
+        if name not in dead:
+            try:
+                step()
+            except RuntimeError as error:  # TargetDied, or no fresh start for mem
+                dead.add(name)
+                bench.notes.append(f"{name}: {error}".splitlines()[0])
+                progress(f"{name}: {error}")
+
+    wanted = bench.args.phases
+    for round_no in range(1, bench.args.rounds + 1):
+        for target in targets if round_no % 2 else targets[::-1]:
+            for phase in ("light", "load"):
+                if phase in wanted:
+                    attempt(
+                        target.name, partial(bench.measure, target, bench.phases[phase], round_no)
+                    )
+    if "max" in wanted:
+        for target in targets:
+            attempt(target.name, partial(bench.measure, target, bench.phases["max"], 1))
+    for target in targets:
+        target.stop()
+    if "mem" in wanted:
+        for target in targets:
+            if target.service is not None:
+                attempt(target.name, partial(bench.measure_memory, target.name))
+    return not_run
+
+
+# -- aggregation -------------------------------------------------------------------------
+
+
+def mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+FIGURES: dict[str, Callable[[dict[str, Any]], float]] = {
+    "p50": lambda m: m["latency_ms"]["p50"],
+    "p99": lambda m: m["latency_ms"]["p99"],
+    "ttfb_p50": lambda m: m["ttfb_ms"]["p50"],
+    "ttfb_p99": lambda m: m["ttfb_ms"]["p99"],
+}
+
+
+def aggregate(measurements: list[dict[str, Any]], names: list[str]) -> dict[str, dict[str, Any]]:
+    """Per target: each figure averaged over rounds; `added_*` = target - direct, per round."""
+    direct = {(m["phase"], m["round"]): m for m in measurements if m["target"] == "direct"}
+    summaries: dict[str, dict[str, Any]] = {}
+    for name in names:
+        mine = [m for m in measurements if m["target"] == name]
+        if not mine:
+            continue
+        s: dict[str, Any] = {}
+        for phase in ("light", "load"):
+            runs = [m for m in mine if m["phase"] == phase]
+            s[f"{phase}_cpu_us"] = mean([m["cpu_us_per_event"] for m in runs])
+            s[f"{phase}_events_per_s"] = mean([m["events_per_s"] for m in runs])
+            s[f"{phase}_upstream_cpu_us"] = mean([m["upstream_cpu_us_per_event"] for m in runs])
+            s[f"{phase}_loadgen_cpu_us"] = mean([m["loadgen_cpu_us_per_event"] for m in runs])
+            for key, get in FIGURES.items():
+                s[f"{phase}_{key}"] = mean([get(m) for m in runs])
+                added = [
+                    get(m) - get(direct[phase, m["round"]])
+                    for m in runs
+                    if (phase, m["round"]) in direct
+                ]
+                s[f"{phase}_added_{key}"] = mean(list(added)) if name != "direct" else None
+            if runs:  # the CDF: quantiles averaged over rounds
+                s[f"{phase}_cdf_ms"] = [
+                    round(sum(q) / len(q), 4)
+                    for q in zip(*(m["latency_cdf_ms"] for m in runs), strict=True)
+                ]
+        for m in mine:
+            if m["phase"] == "max":
+                s["max_events_per_s"] = m["events_per_s"]
+                s["max_cpu_us"] = m["cpu_us_per_event"]
+                s["busy_after_cut_s"] = m["busy_after_cut_s"]
+            if m["phase"] == "mem":
+                s["rss_per_stream_kib"] = m["rss_per_stream_kib"]
+                s["rss_baseline_mib"] = m["rss_baseline"] / 2**20
+                s["rss_held_mib"] = (m["rss_held"] or 0) / 2**20
+                s["mem_streams"] = m["events"]
+        errors: dict[str, int] = {}
+        for m in mine:
+            for reason, count in m["errors"].items():
+                key = f"{m['phase']}: {reason}"
+                errors[key] = errors.get(key, 0) + count
+        s["errors"] = errors
+        s["byte_exact"] = all(m["byte_exact"] for m in mine)
+        s["not_exact"] = sum(m["not_exact"] for m in mine)
+        s["out_of_order"] = sum(m["out_of_order"] for m in mine)
+        s["keepalives"] = sum(m["keepalives"] for m in mine)
+        summaries[name] = s
+    nginx, naive = summaries.get("nginx", {}), summaries.get("naive", {})
+    for s in summaries.values():
+        s["cpu_x_nginx"] = ratio(s.get("load_cpu_us"), nginx.get("load_cpu_us"))
+        s["max_x_naive"] = ratio(s.get("max_events_per_s"), naive.get("max_events_per_s"))
+    return summaries
+
+
+@dataclass
+class Check:
+    """One of the issue's targets, judged on this run."""
+
+    goal: str
+    measured: str
+    passed: bool | None  # None: not measured in this run
+
+    @property
+    def verdict(self) -> str:
+        return {True: "PASS", False: "FAIL", None: "n/a"}[self.passed]
+
+
+def judge(goal: str, value: float | None, limit: float, at_most: bool, detail: str) -> Check:
+    """A Check: `value` against `limit` (at most or at least); n/a when not measured."""
+    if value is None:
+        return Check(goal, "not measured in this run", None)
+    return Check(goal, detail, value <= limit if at_most else value >= limit)
+
+
+def checks(s: dict[str, dict[str, Any]]) -> list[Check]:
+    """The issue #6 targets for streamproxy (default config, one worker)."""
+    sp, w2 = s.get("streamproxy", {}), s.get("streamproxy-w2", {})
+    nginx, naive = s.get("nginx", {}), s.get("naive", {})
+    cpu, cpu_nginx = sp.get("load_cpu_us"), nginx.get("load_cpu_us")
+    cpu_x = ratio(cpu, cpu_nginx)
+    p99 = sp.get("load_added_p99")
+    ttfb = [sp.get("light_added_ttfb_p99"), sp.get("load_added_ttfb_p99")]
+    worst_ttfb = None if None in ttfb else max(v for v in ttfb if v is not None)
+    eps, eps_naive, eps_w2 = (t.get("max_events_per_s") for t in (sp, naive, w2))
+    max_x, w2_x = ratio(eps, eps_naive), ratio(eps_w2, eps)
+    rss = sp.get("rss_per_stream_kib")
+    found = [
+        judge(
+            "CPU per relayed event at ~10k ev/s <= 3x nginx's",
+            cpu_x,
+            3,
+            True,
+            f"{fmt(cpu, 1)} us vs {fmt(cpu_nginx, 1)} us = {fmt(cpu_x, 2)}x",
+        ),
+        judge("added delivery latency p99 at ~10k ev/s <= 5 ms", p99, 5, True, f"{fmt(p99, 3)} ms"),
+        judge(
+            "added TTFB p99 <= 5 ms (at ~1k and at ~10k ev/s)",
+            worst_ttfb,
+            5,
+            True,
+            f"{fmt(ttfb[0], 3)} ms at ~1k, {fmt(ttfb[1], 3)} ms at ~10k",
+        ),
+        judge(
+            "max events/s on one worker >= 2x the Starlette+httpx relay's",
+            max_x,
+            2,
+            False,
+            f"{fmt(eps, 0)} vs {fmt(eps_naive, 0)} = {fmt(max_x, 2)}x",
+        ),
+        judge(
+            f"RSS per idle open stream <= 25 KiB ({sp.get('mem_streams', '?')} streams)",
+            rss,
+            25,
+            True,
+            f"{fmt(rss, 1)} KiB",
+        ),
+        judge(
+            "--workers 2 carries about twice the events/s of one worker (>= 1.7x; needs "
+            f">= 4 cores to show: loadgen and upstream need theirs; here {os.cpu_count()})",
+            w2_x,
+            1.7,
+            False,
+            f"{fmt(eps_w2, 0)} vs {fmt(eps, 0)} = {fmt(w2_x, 2)}x",
+        ),
+    ]
+    for name in ("streamproxy", "streamproxy-w2"):
+        if name in s:
+            clean = s[name]["byte_exact"] and not s[name]["errors"]
+            goal = f"{name}: every event byte-exact and in order, no stream errors"
+            errors = sum(s[name]["errors"].values())
+            found.append(Check(goal, f"byte-exact {exactness(s[name])}, {errors} errors", clean))
+    return found
+
+
+# -- the report --------------------------------------------------------------------------
+
+
+def fmt(value: float | None, digits: int) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}" if digits == 0 else f"{value:.{digits}f}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def exactness(s: dict[str, Any]) -> str:
+    if s["byte_exact"]:
+        return "yes"
+    return f"NO ({s['not_exact']} altered, {s['out_of_order']} out of order)"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render(
+    meta: dict[str, Any],
+    summaries: dict[str, dict[str, Any]],
+    not_run: dict[str, str],
+    verdicts: list[Check],
+    phases_: dict[str, Phase],
+    problems: list[str],
+) -> str:
+    """results.md: the main table, the absolute figures, the target checks, notes."""
+    names = meta["targets"]
+    main_rows, abs_rows = [], []
+    for name in names:
+        if name in not_run or name not in summaries:
+            why = not_run.get(name, "not measured (see the notes)")
+            main_rows.append([name, why] + ["-"] * 15)
+            continue
+        s = summaries[name]
+        errors = sum(s["errors"].values())
+        main_rows.append(
+            [
+                name,
+                fmt(s.get("load_cpu_us"), 1),
+                fmt_ratio(s.get("cpu_x_nginx")),
+                fmt(s.get("light_added_p50"), 3),
+                fmt(s.get("light_added_p99"), 3),
+                fmt(s.get("load_added_p50"), 3),
+                fmt(s.get("load_added_p99"), 3),
+                fmt(s.get("light_added_ttfb_p50"), 3),
+                fmt(s.get("light_added_ttfb_p99"), 3),
+                fmt(s.get("load_added_ttfb_p50"), 3),
+                fmt(s.get("load_added_ttfb_p99"), 3),
+                fmt(s.get("max_events_per_s"), 0),
+                fmt_ratio(s.get("max_x_naive")),
+                fmt(s.get("rss_per_stream_kib"), 1),
+                str(errors),
+                exactness(s),
+            ]
+        )
+        abs_rows.append(
+            [
+                name,
+                fmt(s.get("light_p50"), 3),
+                fmt(s.get("light_p99"), 3),
+                fmt(s.get("load_p50"), 3),
+                fmt(s.get("load_p99"), 3),
+                fmt(s.get("load_ttfb_p50"), 3),
+                fmt(s.get("load_ttfb_p99"), 3),
+                fmt(s.get("load_events_per_s"), 0),
+                fmt(s.get("light_cpu_us"), 1),
+                fmt(s.get("max_cpu_us"), 1),
+                fmt(s.get("busy_after_cut_s"), 1),
+                fmt(s.get("rss_baseline_mib"), 1),
+                fmt(s.get("rss_held_mib"), 1),
+                fmt(s.get("load_upstream_cpu_us"), 1),
+                fmt(s.get("load_loadgen_cpu_us"), 1),
+            ]
+        )
+    main = table(
+        [
+            "target",
+            "CPU µs/event @10k",
+            "vs nginx",
+            "+p50 @1k ms",
+            "+p99 @1k ms",
+            "+p50 @10k ms",
+            "+p99 @10k ms",
+            "+TTFB p50 @1k ms",
+            "+TTFB p99 @1k ms",
+            "+TTFB p50 @10k ms",
+            "+TTFB p99 @10k ms",
+            "max events/s",
+            "vs naive",
+            "RSS/idle stream KiB",
+            "errors",
+            "byte-exact",
+        ],
+        main_rows,
+    )
+    absolute = table(
+        [
+            "target",
+            "p50 @1k ms",
+            "p99 @1k ms",
+            "p50 @10k ms",
+            "p99 @10k ms",
+            "TTFB p50 @10k ms",
+            "TTFB p99 @10k ms",
+            "events/s @10k",
+            "CPU µs/event @1k",
+            "CPU µs/event @max",
+            "busy after cut s",
+            "RSS base MiB",
+            "RSS held MiB",
+            "upstream µs/event @10k",
+            "loadgen µs/event @10k",
+        ],
+        abs_rows,
+    )
+    m = meta["machine"]
+    lines = [
+        f"# streamproxy benchmark, {meta['started']}" + (" (quick)" if meta["quick"] else ""),
+        "",
+        f"`{meta['command']}` took {meta['runtime_s']:.0f} s; {meta['rounds']} round(s), "
+        "targets in alternating order.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB, {m['os']}, "
+        f"Python {m['python']}, {m['nginx'] or 'no nginx'}, streamproxy {m['streamproxy']} "
+        f"({m['commit']}); load average at start {m['loadavg_at_start']}.",
+        "",
+        "Phases: "
+        + "; ".join(f"**{p.name}** {p.about}" for p in phases_.values())
+        + f"; events of {meta['event_size']} bytes.",
+        "`+` figures are the target's percentile minus direct's in the same round, averaged "
+        "over rounds. CPU counts the target's whole process tree only.",
+        "",
+        main,
+        "",
+        "Absolute figures (ms; mean over rounds):",
+        "",
+        absolute,
+        "",
+        "## Targets (issue #6; streamproxy, default config)",
+        "",
+    ]
+    lines += [f"- **{c.verdict}** {c.goal}: {c.measured}" for c in verdicts]
+    notes = [f"- {name}: {why}" for name, why in not_run.items()]
+    notes += [f"- {problem}" for problem in problems]
+    for name, s in summaries.items():
+        if s["errors"]:
+            detail = ", ".join(f"{k} x{v}" for k, v in s["errors"].items())
+            notes.append(f"- {name} stream errors: {detail}")
+    if notes:
+        lines += ["", "## Notes", "", *notes]
+    lines += ["", "![delivery latency CDF](latency-cdf.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_cdf(summaries: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    """Delivery-latency CDF per target at ~10k events/s (the load phase), log x-axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, s in summaries.items():
+        cdf = s.get("load_cdf_ms") or s.get("light_cdf_ms")
+        if cdf:
+            ax.step([max(v, 1e-3) for v in cdf], CDF_QUANTILES, where="post", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("delivery latency, ms (log scale)")
+    ax.set_ylabel("fraction of events delivered within")
+    ax.set_ylim(0, 1.005)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- main --------------------------------------------------------------------------------
+
+
+def machine(nginx: str | None) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    nginx_version = None
+    if nginx:
+        done = subprocess.run([nginx, "-v"], capture_output=True, text=True, check=False)
+        nginx_version = done.stderr.strip().removeprefix("nginx version: ")
+    commit = subprocess.run(
+        ["git", "-C", str(HERE.parent), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    from streamproxy import __version__
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": psutil.virtual_memory().total / 2**30,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "nginx": nginx_version,
+        "streamproxy": __version__,
+        "commit": commit or "unknown",
+        "loadavg_at_start": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke test of a few seconds")
+    parser.add_argument("--out", help="results folder (default benchmarks/results/<date>)")
+    parser.add_argument("--targets", default=",".join(ALL_TARGETS), help="comma list")
+    parser.add_argument("--phases", default="light,load,max,mem", help="comma list")
+    parser.add_argument("--rounds", type=int, help="rounds of light+load (default 3, quick 1)")
+    parser.add_argument("--size", type=int, default=256, help="bytes per SSE event")
+    parser.add_argument("--procs", type=int, default=1, help="load generator processes")
+    parser.add_argument("--upstream-procs", type=int, default=1, help="fake upstream processes")
+    parser.add_argument("--mem-streams", type=int, help="idle streams (default 1000, quick 50)")
+    parser.add_argument("--settle-s", type=float, help="max wait for idle (default 10, quick 3)")
+    parser.add_argument("--work-dir", help="configs and server logs (default: a new temp dir)")
+    parser.add_argument("--nginx", default="nginx", help="nginx binary (name on PATH or path)")
+    args = parser.parse_args(argv)
+    args.targets = [t for t in args.targets.split(",") if t]
+    args.phases = [p for p in args.phases.split(",") if p]
+    unknown = [t for t in args.targets if t not in ALL_TARGETS]
+    if unknown:
+        parser.error(f"unknown targets {unknown}; choose from {ALL_TARGETS}")
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.settle_s is None:
+        args.settle_s = 3.0 if args.quick else 10.0
+    return args
+
+
+def _exit_on_sigterm(signum: int, _: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally that stops every child
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    nginx = find_nginx(args.nginx)
+    started = dt.datetime.now().astimezone()
+    out = Path(args.out) if args.out else HERE / "results" / started.strftime("%Y-%m-%d")
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="spbench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 1000 streams, 2 fds each
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with `&`
+    command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    progress(f"work folder (configs, server logs): {work}")
+    all_phases = phases(args.quick, args.mem_streams)
+    try:
+        port = free_port()
+        argv_up = [sys.executable, str(HERE / "upstream.py"), "--port", str(port)]
+        upstream = Service("upstream", [*argv_up, "--procs", str(args.upstream_procs)], work)
+        wait_ready(upstream, port, "/healthz")
+        bench = Bench(args, all_phases, upstream, port, work, nginx)
+        not_run = run_all(bench, args.targets)
+    except (KeyboardInterrupt, SystemExit):
+        progress("interrupted: stopping every process started")
+        raise
+    finally:
+        Service.stop_all()
+    runtime = time.monotonic() - T0
+    summaries = aggregate(bench.measurements, args.targets)
+    verdicts = checks(summaries)
+    meta = {
+        "started": started.isoformat(timespec="seconds"),
+        "runtime_s": runtime,
+        "command": command.strip(),
+        "quick": args.quick,
+        "rounds": args.rounds,
+        "event_size": args.size,
+        "targets": args.targets,
+        "machine": machine(nginx),
+        "work_dir": str(work),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "meta": meta,
+        "phases": {name: vars(phase) for name, phase in all_phases.items()},
+        "not_run": not_run,
+        "notes": bench.notes,
+        "summaries": summaries,
+        "checks": [vars(c) | {"verdict": c.verdict} for c in verdicts],
+        "measurements": bench.measurements,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    markdown = render(meta, summaries, not_run, verdicts, all_phases, bench.notes)
+    (out / "results.md").write_text(markdown)
+    load = all_phases["load"]
+    plot_cdf(summaries, out / "latency-cdf.png", f"Delivery latency, {load.about.split(', ')[0]}")
+    print(markdown)
+    progress(f"wrote {out}/results.md, results.json, latency-cdf.png")
+    failed = bench.notes or any(why.startswith("FAILED") for why in not_run.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
