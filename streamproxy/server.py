@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import multiprocessing
 import os
 import shutil
@@ -113,6 +114,7 @@ async def serve(
             while not (proxy.started and admin.started):  # noqa: ASYNC110
                 await asyncio.sleep(0.005)
             readiness.started = True
+            _tune_gc()
             if ready is not None:
                 ready()
             await stop.wait()
@@ -128,6 +130,18 @@ async def serve(
             loop.remove_signal_handler(sig)
         await app.aclose()
     log.info("stopped")
+
+
+def _tune_gc() -> None:
+    """Keep the cyclic GC off the stream path.
+
+    Everything made at start-up (modules, config, the apps) lives as long as the process:
+    `gc.freeze()` moves it out of every collection. A relayed event allocates a few
+    short-lived objects (a future, a message dict) that reference counting frees, so the
+    youngest generation can be collected far less often than CPython's default of every
+    700 allocations without holding more memory for long."""
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 async def _abort_after(app: Any, seconds: float) -> None:
