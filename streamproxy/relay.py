@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
@@ -504,15 +505,20 @@ def _failure_outcome(error: ProxyError) -> Outcome:
 
 
 def _wants_stream(api: Api, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
-    """Whether the client asked for a streamed answer (cheap byte checks, no JSON parse)."""
+    """Whether the client asked for a streamed answer (a byte search, no JSON parse and no
+    copy of the body, which may be megabytes of base64 images)."""
     if api == "gemini":
         return ":streamGenerateContent" in path
     if api == "ollama":  # Ollama streams unless told not to
-        return b'"stream":false' not in body.replace(b" ", b"")
+        return _STREAM_FALSE.search(body) is None
     accept = hdrs.get(headers, b"accept")
     if accept is not None and b"text/event-stream" in accept:
         return True
-    return b'"stream":true' in body.replace(b" ", b"") if b'"stream"' in body else False
+    return _STREAM_TRUE.search(body) is not None
+
+
+_STREAM_TRUE = re.compile(rb'"stream"\s*:\s*true')
+_STREAM_FALSE = re.compile(rb'"stream"\s*:\s*false')
 
 
 def _log_access(exchange: Exchange, status: int, model: str, record: StreamRecord) -> None:
