@@ -153,3 +153,16 @@ def _anthropic_type(error: ProxyError) -> str:
     if error.status == 504:
         return "timeout_error"
     return "api_error"
+
+
+def describe_error_body(body: bytes) -> tuple[str, str]:
+    """(type, message) from an OpenAI- or Anthropic-shaped error body, else its text."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        payload = None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("type") or "upstream_error"), str(error.get("message") or "")
+    text = body.decode("utf-8", "replace").strip()[:500]
+    return "upstream_error", text or "no body"

@@ -17,6 +17,7 @@ import orjson
 import structlog
 
 from streamproxy.headers import REDACTED
+from streamproxy.observer import StreamRecord
 
 MASK = "[REDACTED]"
 _SECRET_PATTERNS = re.compile(
@@ -128,3 +129,40 @@ def configure(
     if not any(isinstance(f, _DropExpected) for f in logging.getLogger("uvicorn.error").filters):
         logging.getLogger("uvicorn.error").addFilter(_DropExpected())
     logging.getLogger("uvicorn.access").disabled = True  # our access line replaces it
+
+
+access_log = structlog.get_logger("streamproxy.access")
+
+
+def access_line(
+    *,
+    method: str,
+    path: str,
+    upstream: str,
+    model: str,
+    status: int,
+    record: StreamRecord,
+    error: str | None,
+) -> None:
+    """One canonical line per request, built from an allow-list of fields: no headers,
+    no query string (Gemini puts its API key there), no bodies. Times in milliseconds."""
+    access_log.info(
+        "request",
+        method=method,
+        path=path,
+        upstream=upstream,
+        model=model,
+        status=status,
+        outcome=record.outcome,
+        bytes=record.bytes_sent,
+        ttfb=_ms(record.ttfb),
+        ttft=_ms(record.ttft),
+        token_events=record.token_events,
+        output_tokens=record.output_tokens,
+        duration=_ms(record.duration),
+        error=error,
+    )
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)

@@ -373,3 +373,20 @@ def _compact_nonempty(data: bytes, needle: bytes) -> bool:
         return False
     after = data[i + len(needle) : i + len(needle) + 1]
     return after not in (b'"', b"")
+
+
+_STREAM_TRUE = re.compile(rb'"stream"\s*:\s*true')
+_STREAM_FALSE = re.compile(rb'"stream"\s*:\s*false')
+
+
+def wants_stream(api: Api, path: str, accept: bytes | None, body: bytes) -> bool:
+    """Whether a request asks for a streamed answer: Gemini by its path, Ollama unless
+    `"stream": false`, others by `"stream": true` or `Accept: text/event-stream`. A byte
+    search, no JSON parse and no copy of the body (which may be megabytes of images)."""
+    if api == "gemini":
+        return ":streamGenerateContent" in path
+    if api == "ollama":  # Ollama streams unless told not to
+        return _STREAM_FALSE.search(body) is None
+    if accept is not None and b"text/event-stream" in accept:
+        return True
+    return _STREAM_TRUE.search(body) is not None

@@ -27,15 +27,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-import orjson
 import structlog
 
-from streamproxy import headers as hdrs
+from streamproxy import headers as hdrs, logs
 from streamproxy.config import Config
 from streamproxy.errors import (
     BodyTooLarge,
@@ -45,13 +43,14 @@ from streamproxy.errors import (
     ProxyShuttingDown,
     UpstreamError,
     UpstreamTimeout,
+    describe_error_body,
     json_error_body,
     sse_error_frame,
 )
 from streamproxy.keepalive import comment_line, run_keepalive
 from streamproxy.metrics import Metrics
-from streamproxy.observer import Outcome, StreamObserver, StreamRecord, body_kind
-from streamproxy.providers import Api, detect_api, request_model
+from streamproxy.observer import Outcome, StreamObserver, body_kind
+from streamproxy.providers import Api, detect_api, request_model, wants_stream
 from streamproxy.routing import Route, RouteTable
 from streamproxy.upstream import UpstreamPool, UpstreamResponse
 
@@ -60,7 +59,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-access_log = structlog.get_logger("streamproxy.access")
 clock = time.monotonic
 
 
@@ -192,7 +190,8 @@ class Exchange:
             body = await self._read_body()
         except ProxyError as exc:
             return await self._send_error_response(exc)
-        self.wants_stream = _wants_stream(self.api, self.path, self.scope["headers"], body)
+        accept = hdrs.get(self.scope["headers"], b"accept")
+        self.wants_stream = wants_stream(self.api, self.path, accept, body)
         # From here on a watcher on receive() notices a client that leaves, whether the
         # upstream is still thinking about its headers or already streaming.
         async with asyncio.TaskGroup() as group:
@@ -299,7 +298,7 @@ class Exchange:
         with contextlib.suppress(UpstreamError):
             while len(body) <= 65536 and (chunk := await response.read()):
                 body += chunk
-        error_type, message = _describe_error_body(body)
+        error_type, message = describe_error_body(body)
         error = UpstreamError(f"upstream answered {response.status}: {message}")
         error.error_type = error_type
         self.error = error
@@ -467,7 +466,15 @@ class Exchange:
         model = self.app.metrics.model_label(self.model)
         status = self.status or 499  # nginx's code for "client closed before the response"
         self.app.metrics.record(self.upstream_name, self.method, status, model, record)
-        _log_access(self, status, model, record)
+        logs.access_line(
+            method=self.method,
+            path=self.path,
+            upstream=self.upstream_name,
+            model=model,
+            status=status,
+            record=record,
+            error=None if self.error is None else self.error.message,
+        )
 
 
 EARLY_HEADERS = [
@@ -485,63 +492,7 @@ async def _outcome_of(opening: Awaitable[UpstreamResponse]) -> UpstreamResponse 
         return exc
 
 
-def _describe_error_body(body: bytes) -> tuple[str, str]:
-    """(type, message) from an OpenAI- or Anthropic-shaped error body, else its text."""
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        payload = None
-    error = payload.get("error") if isinstance(payload, dict) else None
-    if isinstance(error, dict):
-        return str(error.get("type") or "upstream_error"), str(error.get("message") or "")
-    text = body.decode("utf-8", "replace").strip()[:500]
-    return "upstream_error", text or "no body"
-
-
 def _failure_outcome(error: ProxyError) -> Outcome:
     if isinstance(error, UpstreamTimeout):
         return "upstream_timeout"
     return "upstream_error" if isinstance(error, UpstreamError) else "completed"
-
-
-def _wants_stream(api: Api, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
-    """Whether the client asked for a streamed answer (a byte search, no JSON parse and no
-    copy of the body, which may be megabytes of base64 images)."""
-    if api == "gemini":
-        return ":streamGenerateContent" in path
-    if api == "ollama":  # Ollama streams unless told not to
-        return _STREAM_FALSE.search(body) is None
-    accept = hdrs.get(headers, b"accept")
-    if accept is not None and b"text/event-stream" in accept:
-        return True
-    return _STREAM_TRUE.search(body) is not None
-
-
-_STREAM_TRUE = re.compile(rb'"stream"\s*:\s*true')
-_STREAM_FALSE = re.compile(rb'"stream"\s*:\s*false')
-
-
-def _log_access(exchange: Exchange, status: int, model: str, record: StreamRecord) -> None:
-    """One canonical line per request, built from an allow-list of fields: no headers,
-    no query string (Gemini puts its API key there), no bodies."""
-    error = exchange.error
-    access_log.info(
-        "request",
-        method=exchange.method,
-        path=exchange.scope["path"],
-        upstream=exchange.upstream_name,
-        model=model,
-        status=status,
-        outcome=record.outcome,
-        bytes=record.bytes_sent,
-        ttfb=_ms(record.ttfb),
-        ttft=_ms(record.ttft),
-        token_events=record.token_events,
-        output_tokens=record.output_tokens,
-        duration=_ms(record.duration),
-        error=None if error is None else error.message,
-    )
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 3)

@@ -17,6 +17,7 @@ from streamproxy.providers import (
     classify_sse,
     detect_api,
     request_model,
+    wants_stream,
 )
 from streamproxy.sse import SSEEvent
 
@@ -586,3 +587,21 @@ def test_fuzz_classify_never_raises(api: Api, kind: bytes | None, data: bytes) -
     assert isinstance(classify_ndjson(api, data), EventFacts)
     model = request_model(api, "/v1/x", data)
     assert model is None or isinstance(model, str)
+
+
+@pytest.mark.parametrize(
+    ("api", "path", "accept", "body", "expected"),
+    [
+        ("openai_chat", "/v1/chat/completions", None, b'{"stream": true}', True),
+        ("openai_chat", "/v1/chat/completions", None, b'{"stream":false}', False),
+        ("openai_chat", "/v1/chat/completions", None, b"{}", False),
+        ("anthropic", "/v1/messages", b"text/event-stream", b"{}", True),
+        ("ollama", "/api/chat", None, b"{}", True),
+        ("ollama", "/api/chat", None, b'{"stream" : false}', False),
+        ("gemini", "/v1beta/models/g:streamGenerateContent", None, b"{}", True),
+        ("gemini", "/v1beta/models/g:generateContent", None, b'{"stream": true}', False),
+    ],
+)
+def test_wants_stream(api, path, accept, body, expected) -> None:
+    """Which requests ask for a stream (keepalive.before_headers and stream metrics use it)."""
+    assert wants_stream(api, path, accept, body) is expected
