@@ -101,3 +101,16 @@ def test_plot_is_a_valid_png(quick_run):
     assert 100 < width < 5000
     assert 100 < height < 5000
     assert data.endswith(b"IEND\xaeB`\x82")
+
+
+def test_disconnect_benchmark_runs():
+    """benchmarks/disconnect.py measures and prints the disconnect-to-upstream-close time."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "disconnect.py"), "--trials", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "median" in result.stdout
