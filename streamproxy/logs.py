@@ -129,6 +129,9 @@ def configure(
     if not any(isinstance(f, _DropExpected) for f in logging.getLogger("uvicorn.error").filters):
         logging.getLogger("uvicorn.error").addFilter(_DropExpected())
     logging.getLogger("uvicorn.access").disabled = True  # our access line replaces it
+    # uvicorn's lifecycle lines ("Started server process", twice: proxy and admin) repeat
+    # what our own listening/draining/stopped lines say; keep its warnings and errors.
+    logging.getLogger("uvicorn.error").setLevel(max(numeric, logging.WARNING))
 
 
 access_log = structlog.get_logger("streamproxy.access")
