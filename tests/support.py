@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -156,3 +157,20 @@ def write_config(directory: Path, upstream_url: str, extra: str = "") -> Path:
         f"upstreams:\n  - {{name: test, url: '{upstream_url}'}}\n" + extra
     )
     return path
+
+
+def require_tool(name: str, hint: str, extra_dirs: tuple[str, ...] = ()) -> str:
+    """The path of an external tool (PATH, then `extra_dirs`, /usr/local/bin and this
+    Python's bin). Missing: the test is skipped locally, and fails when `CI` is set, so
+    CI never passes by silently skipping what it was meant to run."""
+    import pytest
+
+    candidates = [*(Path(d) / name for d in extra_dirs), Path("/usr/local/bin") / name,
+                  Path(sys.executable).parent / name]  # fmt: skip
+    found = shutil.which(name) or next((str(p) for p in candidates if os.access(p, os.X_OK)), None)
+    if found is None:
+        message = f"{name} is not installed ({hint})"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found

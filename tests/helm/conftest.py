@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.support import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "streamproxy"
@@ -28,21 +29,8 @@ POD_TMP = "/tmp"  # noqa: S108
 
 
 def find_tool(name: str, hint: str) -> str:
-    """The path of `name` (PATH, /usr/local/bin, or next to this Python); skip or fail."""
-    found = shutil.which(name) or next(
-        (
-            str(p)
-            for p in (Path("/usr/local/bin") / name, Path(sys.executable).parent / name)
-            if os.access(p, os.X_OK)
-        ),
-        None,
-    )
-    if found is None:
-        message = f"{name} is not installed ({hint})"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    """The path of `name`; skipped locally, failed in CI when missing."""
+    return require_tool(name, hint)
 
 
 @pytest.fixture(scope="session")

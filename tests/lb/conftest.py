@@ -8,7 +8,6 @@ must run, never silently vanish.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -22,6 +21,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.support import require_tool
+
 
 def free_port() -> int:
     """A loopback port that was free a moment ago (bind port 0, read it, close)."""
@@ -32,16 +33,8 @@ def free_port() -> int:
 
 def find_binary(name: str) -> str:
     """The path of `name`, also looked up in the sbin directories a user's PATH may lack."""
-    found = shutil.which(name) or next(
-        (p for p in (f"/usr/sbin/{name}", f"/usr/local/sbin/{name}") if os.access(p, os.X_OK)),
-        None,
-    )
-    if found is None:
-        message = f"{name} is not installed (apt-get install {name}; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    hint = f"apt-get install {name}; .ci/run installs it"
+    return require_tool(name, hint, extra_dirs=("/usr/sbin", "/usr/local/sbin"))
 
 
 @dataclass
