@@ -115,14 +115,13 @@ class Downstream:
         message = {"type": "http.response.body", "body": chunk, "more_body": True}
         if self.lock is None:
             await self.send(message)
-        else:
-            async with self.lock:
-                await self.send(message)
-                self.last_write = now = clock()
-                self.observer.on_chunk(chunk, now)
-                return
-        self.last_write = now = clock()
-        self.observer.on_chunk(chunk, now)
+            self.last_write = now = clock()
+            self.observer.on_chunk(chunk, now)
+            return
+        async with self.lock:
+            await self.send(message)
+            self.last_write = now = clock()
+            self.observer.on_chunk(chunk, now)
 
     async def write_keepalive(self, line: bytes, interval: float) -> bool:
         """Send a comment if the stream is still silent and stands at a line boundary."""
@@ -223,7 +222,7 @@ class Exchange:
             raise MethodNotAllowed("CONNECT is not supported: this is a reverse proxy")
         route = self.app.routes.match(self.raw_path)
         self.upstream_name = route.upstream.name
-        self.api = detect_api(self.scope["path"])
+        self.api = detect_api(self.path)
         return route
 
     async def _read_body(self) -> bytes:
@@ -246,7 +245,7 @@ class Exchange:
                 return b"".join(parts)
 
     async def _open_upstream(self, route: Route, body: bytes) -> UpstreamResponse:
-        self.model = request_model(self.api, self.scope["path"], body)
+        self.model = request_model(self.api, self.path, body)
         client = self.scope.get("client")
         headers = hdrs.request_headers(
             self.scope["headers"], client[0] if client else None, self.scope["scheme"]
@@ -442,7 +441,7 @@ class Exchange:
 
     # -- accounting ----------------------------------------------------------------
 
-    def _gap_recorder(self) -> Callable[[float], None] | None:
+    def _gap_recorder(self) -> Callable[[float], None]:
         model = self.app.metrics.model_label(self.model)
         return self.app.metrics.child("itl", self.upstream_name, model).observe  # type: ignore[no-any-return]
 

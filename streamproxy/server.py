@@ -171,30 +171,38 @@ def run(config: Config) -> int:
         log.error("cannot listen", error=str(exc))
         return 1
     _announce(config, proxy_sock, admin_sock)
-    metrics_dir = _prepare_metrics_dir(config.listen.workers)
+    temporary_dir = _prepare_metrics_dir(config.listen.workers)
     try:
         if config.listen.workers == 1:
             run_event_loop(serve(config, proxy_sock, admin_sock))
             return 0
         return _supervise(config, proxy_sock, admin_sock)
     finally:
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        if temporary_dir is not None:
+            shutil.rmtree(temporary_dir, ignore_errors=True)
 
 
 def _prepare_metrics_dir(workers: int) -> str | None:
-    """A fresh, empty PROMETHEUS_MULTIPROC_DIR when there are several workers or the
+    """An empty PROMETHEUS_MULTIPROC_DIR when there are several workers or the
     environment names one: stale files from an earlier run would be counted again, and
     a missing directory would fail every write. Set before any worker imports
-    prometheus_client (the multiprocess mode is fixed at import)."""
-    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if metrics_dir is None and workers == 1:
+    prometheus_client (the multiprocess mode is fixed at import).
+
+    A directory the environment names is emptied, not replaced (it may be a mount
+    point), and left in place at exit; one made here is returned, to be removed."""
+    named = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if named is None and workers == 1:
         return None
-    metrics_dir = metrics_dir or tempfile.mkdtemp(prefix="streamproxy-metrics-")
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    os.makedirs(metrics_dir)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    return metrics_dir
+    if named is None:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="streamproxy-metrics-")
+        return os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(named, exist_ok=True)
+    for entry in os.scandir(named):
+        if entry.is_file() or entry.is_symlink():
+            os.unlink(entry.path)
+        else:
+            shutil.rmtree(entry.path, ignore_errors=True)
+    return None
 
 
 def _announce(config: Config, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
