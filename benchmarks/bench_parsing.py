@@ -183,7 +183,7 @@ def parse_once(stream: Stream) -> int:
 
 
 def observe_once(stream: Stream) -> int:
-    observer = StreamObserver(stream.api, stream.kind, 0.0, lambda gap: None)  # type: ignore[arg-type]  # "sse" | "ndjson"
+    observer = StreamObserver(stream.api, stream.kind, 0.0, lambda gap, now: None)  # type: ignore[arg-type]  # "sse" | "ndjson"
     now = 0.0
     for chunk in stream.chunks:
         now += 0.001

@@ -44,6 +44,8 @@ from typing import cast
 import httptools
 import uvloop
 
+from streamproxy.server import accept_fanout, bind
+
 # -- the event format (shared with loadgen.py) -------------------------------------------
 
 PREFIX = b'data: {"id":"chatcmpl-'
@@ -218,16 +220,20 @@ async def serve(sock: socket.socket) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = await loop.create_server(UpstreamProtocol, sock=sock, backlog=4096)
-    async with server:
-        await stop.wait()
+    # uvloop accepts one connection per listening socket per loop iteration; more
+    # SO_REUSEPORT listeners let a burst of new streams in at once (as streamproxy does).
+    servers = [
+        await loop.create_server(UpstreamProtocol, sock=s, backlog=4096)
+        for s in accept_fanout(sock)
+    ]
+    await stop.wait()
+    for server in servers:
+        server.close()
 
 
 def listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = bind(host, port, fanout=True)
     sock.listen(4096)
     return sock
 

@@ -60,7 +60,7 @@ def run(port: int, admin_port: int, mock_port: int) -> int:
     )
     logs.configure(config.logging.level, config.logging.format)
     try:
-        proxy_sock, admin_sock = bind(HOST, port), bind(HOST, admin_port)
+        proxy_sock, admin_sock = bind(HOST, port, fanout=True), bind(HOST, admin_port)
     except OSError as exc:
         print(f"demo: cannot listen: {exc} (try --port/--admin-port/--mock-port)", file=sys.stderr)
         return 1

@@ -63,7 +63,7 @@ class StreamObserver:
         api: Api,
         kind: BodyKind,
         arrived: float,
-        on_gap: Callable[[float], None] | None = None,
+        on_gap: Callable[[float, float], None] | None = None,
     ) -> None:
         self.api = api
         self.kind = kind
@@ -122,7 +122,7 @@ class StreamObserver:
             if self.first_token_at is None:
                 self.first_token_at = now
             elif self.on_gap is not None and self.last_token_at is not None:
-                self.on_gap(now - self.last_token_at)
+                self.on_gap(now - self.last_token_at, now)
             self.last_token_at = now
         if facts.output_tokens is not None:
             self.output_tokens = facts.output_tokens

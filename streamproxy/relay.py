@@ -11,10 +11,11 @@ Theory of operation
    observed (scanner, token timings) only *after* it has been handed to the transport.
 3. Beside the pump, in one TaskGroup: a watcher on `receive()` (uvicorn reports a gone
    client only there: its `send()` returns silently after a disconnect) that cancels the
-   pump, which closes the upstream connection at once (`UpstreamResponse.aclose`); and,
-   for identity-encoded SSE, the keepalive timer. Every write to the client goes through
-   one `Downstream`, under one lock when the timer is running, so a comment can only be
-   placed where the scanner, fed in the same critical section, says a line ended.
+   pump, which closes the upstream connection at once (`UpstreamResponse.aclose`). For
+   identity-encoded SSE a keepalive timer (a TimerHandle, not a task) nudges the pump's
+   pending read after `interval` of silence; the pump then writes the comment itself.
+   The pump is the only writer, so a comment lands only between two chunks, where the
+   scanner, fed right after each write, says whether a line ended.
 4. End: a clean upstream EOF ends the body normally. Any failure (upstream error,
    timeout, drain abort) sends the contract's SSE error event if the stream stands at an
    event boundary, then returns *without* `more_body: False`: uvicorn closes the
@@ -47,8 +48,8 @@ from streamproxy.errors import (
     json_error_body,
     sse_error_frame,
 )
-from streamproxy.keepalive import comment_line, run_keepalive
-from streamproxy.metrics import Metrics
+from streamproxy.keepalive import SLACK, KeepaliveTimer, comment_line
+from streamproxy.metrics import GapRecorder, Metrics
 from streamproxy.observer import Outcome, StreamObserver, body_kind
 from streamproxy.providers import Api, detect_api, request_model, wants_stream
 from streamproxy.routing import Route, RouteTable
@@ -96,45 +97,42 @@ class ProxyApp:
 
 
 class Downstream:
-    """The single path of bytes to the client, shared by the pump and the keepalive timer."""
+    """The single path of bytes to the client. Only the pump task writes through it (the
+    keepalive timer nudges the pump instead of writing), so writes never interleave."""
 
-    __slots__ = ("last_write", "lock", "observer", "on_keepalive", "send")
+    __slots__ = ("interval", "last_write", "line", "observer", "on_keepalive", "send")
 
     def __init__(
-        self, send: Send, observer: StreamObserver, on_keepalive: Callable[[], None]
+        self,
+        send: Send,
+        observer: StreamObserver,
+        on_keepalive: Callable[[], None],
+        line: bytes = b"",
+        interval: float = 0.0,
     ) -> None:
         self.send = send
         self.observer = observer
         self.on_keepalive = on_keepalive
-        self.lock: asyncio.Lock | None = None  # set only while a keepalive timer runs
+        self.line = line
+        self.interval = interval
         self.last_write = clock()
 
     async def write(self, chunk: bytes) -> None:
-        """Send one upstream chunk, then observe it. Observing happens inside the lock so
-        the timer never sees a scanner that lags the bytes already sent."""
-        message = {"type": "http.response.body", "body": chunk, "more_body": True}
-        if self.lock is None:
-            await self.send(message)
-            self.last_write = now = clock()
-            self.observer.on_chunk(chunk, now)
-            return
-        async with self.lock:
-            await self.send(message)
-            self.last_write = now = clock()
-            self.observer.on_chunk(chunk, now)
+        """Send one upstream chunk, then observe it."""
+        await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+        self.last_write = now = clock()
+        self.observer.on_chunk(chunk, now)
 
-    async def write_keepalive(self, line: bytes, interval: float) -> bool:
-        """Send a comment if the stream is still silent and stands at a line boundary."""
-        assert self.lock is not None
-        async with self.lock:
-            if clock() - self.last_write < interval:
-                return True  # the pump wrote meanwhile: nothing to do
-            if not self.observer.at_line_boundary:
-                return False
-            await self.send({"type": "http.response.body", "body": line, "more_body": True})
-            self.last_write = clock()
+    async def write_keepalive(self) -> None:
+        """Send a comment if the stream is still silent and stands at a line boundary
+        (otherwise the timer asks again one interval later)."""
+        if clock() - self.last_write < self.interval - SLACK:
+            return  # a chunk went out since the timer fired
+        if not self.observer.at_line_boundary:
+            return
+        await self.send({"type": "http.response.body", "body": self.line, "more_body": True})
+        self.last_write = clock()
         self.on_keepalive()
-        return True
 
 
 class Exchange:
@@ -164,7 +162,8 @@ class Exchange:
         self.upstream_answered = False
         self.committed = False  # 200 + SSE headers sent before the upstream answered
         self.task: asyncio.Task[Any] | None = None  # the task running this exchange
-        self.group: asyncio.TaskGroup | None = None  # owns the watcher and the timers
+        self.group: asyncio.TaskGroup | None = None  # owns the watcher (and the early commit)
+        self.gaps: GapRecorder | None = None  # inter-token gaps, flushed to the ITL histogram
 
     # -- the request ---------------------------------------------------------------
 
@@ -295,8 +294,8 @@ class Exchange:
         """After an early commit, an upstream error status becomes the SSE error event."""
         body = b""
         with contextlib.suppress(UpstreamError):
-            while len(body) <= 65536 and (chunk := await response.read()):
-                body += chunk
+            while len(body) <= 65536 and (chunk := await response.read()):  # never None:
+                body += chunk  # no keepalive timer nudges this read
         error_type, message = describe_error_body(body)
         error = UpstreamError(f"upstream answered {response.status}: {message}")
         error.error_type = error_type
@@ -335,7 +334,13 @@ class Exchange:
     async def _stream(
         self, response: UpstreamResponse, keepalive: bool, can_frame_error: bool
     ) -> Outcome:
-        writer = Downstream(self.send, self.observer, self._count_keepalive)
+        writer = Downstream(
+            self.send,
+            self.observer,
+            self._count_keepalive,
+            self.app.keepalive_line,
+            self.app.keepalive.interval,
+        )
         streamed = self.observer.kind != "none"
         if streamed:
             self.app.metrics.child("streams_active", self.upstream_name).inc()
@@ -359,7 +364,7 @@ class Exchange:
     async def _run_pump(
         self, response: UpstreamResponse, writer: Downstream, keepalive: bool
     ) -> Outcome:
-        """Pump in this task, with the keepalive timer beside it (and the disconnect
+        """Pump in this task, with the keepalive timer nudging it (and the disconnect
         watcher started by `_serve`).
 
         A client disconnect or a drain abort stops the pump the only way a pending read
@@ -367,10 +372,8 @@ class Exchange:
         why, so a cancellation from anyone else still propagates."""
         timer = None
         if keepalive:
-            assert self.group is not None
-            writer.lock = asyncio.Lock()
-            interval, line = self.app.keepalive.interval, self.app.keepalive_line
-            timer = self.group.create_task(run_keepalive(writer, interval, line))
+            loop = asyncio.get_running_loop()
+            timer = KeepaliveTimer(writer, writer.interval, response.nudge, loop.call_later)
         try:
             return await self._pump(response, writer)
         except asyncio.CancelledError:
@@ -385,7 +388,10 @@ class Exchange:
         """Relay the body: one await per chunk, nothing read ahead."""
         read = response.read
         try:
-            while chunk := await read():
+            while (chunk := await read()) != b"":
+                if chunk is None:  # nudged by the keepalive timer: the upstream is silent
+                    await writer.write_keepalive()
+                    continue
                 if response.finished:  # the last piece: free the connection before the
                     await response.aclose()  # client can see the end and send again
                 await writer.write(chunk)
@@ -441,9 +447,10 @@ class Exchange:
 
     # -- accounting ----------------------------------------------------------------
 
-    def _gap_recorder(self) -> Callable[[float], None]:
+    def _gap_recorder(self) -> GapRecorder:
         model = self.app.metrics.model_label(self.model)
-        return self.app.metrics.child("itl", self.upstream_name, model).observe  # type: ignore[no-any-return]
+        self.gaps = GapRecorder(self.app.metrics.child("itl", self.upstream_name, model))
+        return self.gaps
 
     def _count_keepalive(self) -> None:
         self.app.metrics.child("keepalives", self.upstream_name).inc()
@@ -453,6 +460,8 @@ class Exchange:
         if self.accounted:
             return
         self.accounted = True
+        if self.gaps is not None:
+            self.gaps.flush()
         error = self.error
         if isinstance(error, UpstreamError):
             self.app.metrics.child("upstream_errors", self.upstream_name, error.reason).inc()

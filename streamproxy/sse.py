@@ -108,12 +108,16 @@ class SSEScanner:
             and chunk[:6] == b"data: "
             and self._bom < 0
             and not (self._partial_len or self._pending or self._skip_lf)
-            and chunk.count(b"\n") == 2
             and b"\r" not in chunk
-            and len(chunk) - 8 <= self._max
+            and len(chunk) <= self._max
         ):
-            # Fast path for the common chunk: exactly one whole single-line data event.
-            return [SSEEvent(None, chunk[6:-2], False)]
+            # Fast paths for the common chunks: whole single-line data events.
+            newlines = chunk.count(b"\n")
+            if newlines == 2:
+                return [SSEEvent(None, chunk[6:-2], False)]
+            # k events: every LF is in one of the k-1 separators or the final blank line
+            if newlines == 2 * chunk.count(b"\n\ndata: ") + 2:
+                return [SSEEvent(None, e[6:], False) for e in chunk[:-2].split(b"\n\n")]
         if self._bom >= 0:
             chunk = self._skip_bom(chunk)
         if self._skip_lf and chunk:

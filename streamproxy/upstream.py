@@ -75,6 +75,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.last_data = 0.0
         self.paused = False
         self.silence_timer: asyncio.TimerHandle | None = None
+        self.nudged = False  # nudge() asked the pending read() to return None
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -218,12 +219,14 @@ class UpstreamResponse:
         self.status = conn.status
         self.headers = conn.headers
 
-    async def read(self) -> bytes:
-        """The next piece of the body as it arrived; b"" at its end. Raises UpstreamError."""
+    async def read(self) -> bytes | None:
+        """The next piece of the body as it arrived; b"" at its end; None if `nudge()`
+        was called while there was nothing to return. Raises UpstreamError."""
         conn = self._conn
         while True:
             pieces = conn.pieces
             if pieces:
+                conn.nudged = False
                 conn.pieces = []
                 conn.buffered = 0
                 if conn.paused and conn.transport is not None:
@@ -234,7 +237,16 @@ class UpstreamResponse:
                 return b""
             if conn.error is not None:
                 raise conn.error
+            if conn.nudged:
+                conn.nudged = False
+                return None
             await conn.wait()
+
+    def nudge(self) -> None:
+        """Make the pending (or next) `read()` return None if no data is waiting: how the
+        keepalive timer hands the silent stream back to the pump."""
+        self._conn.nudged = True
+        self._conn._wake()
 
     @property
     def finished(self) -> bool:

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from streamproxy.config import MetricsConfig
-from streamproxy.metrics import Metrics, ModelLabels
+from streamproxy.metrics import GAP_FLUSH_SECONDS, GapRecorder, Metrics, ModelLabels
 from streamproxy.observer import StreamRecord
 
 # The contract's table (shared/contract.md), copied on purpose: a rename here is a
@@ -256,3 +256,56 @@ def test_record_stream_that_never_started(registry, metrics):
     names = {s.name for f in registry.collect() for s in f.samples}
     assert "streamproxy_time_to_first_byte_seconds_count" not in names
     assert "streamproxy_output_tokens_total" not in names
+
+
+# -- GapRecorder: batched inter-token latencies ------------------------------------------
+
+GAPS = [0.0, 0.0004, 0.001, 0.0011, 0.02, 0.02, 0.5, 3.0, 11.0, 99.0]
+
+
+def _itl_samples(registry: CollectorRegistry) -> dict[str, float]:
+    return {
+        f"{s.name}{sorted(s.labels.items())}": s.value
+        for family in registry.collect()
+        if family.name == "streamproxy_inter_token_latency_seconds"
+        for s in family.samples
+        if not s.name.endswith("_created")
+    }
+
+
+def test_gap_recorder_matches_observe_exactly():
+    """Buckets (edges included: a gap equal to a bound goes in that bound's bucket), +Inf,
+    count and sum come out as if every gap had been observed one by one."""
+    direct_registry, batched_registry = CollectorRegistry(), CollectorRegistry()
+    direct = Metrics(direct_registry, MetricsConfig())
+    batched = Metrics(batched_registry, MetricsConfig())
+    for gap in GAPS:
+        direct.child("itl", "up", "m").observe(gap)
+    recorder = GapRecorder(batched.child("itl", "up", "m"), now=0.0)
+    for gap in GAPS:
+        recorder(gap, 0.5)
+    assert (
+        _itl_samples(batched_registry)[
+            "streamproxy_inter_token_latency_seconds_count[('model', 'm'), ('upstream', 'up')]"
+        ]
+        == 0
+    )  # not flushed yet
+    recorder.flush()
+    recorder.flush()  # a second flush adds nothing
+    assert _itl_samples(batched_registry) == _itl_samples(direct_registry)
+
+
+def test_gap_recorder_flushes_a_running_stream_every_second():
+    """A long stream's gaps reach /metrics within GAP_FLUSH_SECONDS, not only at its end."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, MetricsConfig())
+    recorder = GapRecorder(metrics.child("itl", "up", "m"), now=100.0)
+    key = "streamproxy_inter_token_latency_seconds_count[('model', 'm'), ('upstream', 'up')]"
+    recorder(0.02, 100.5)
+    assert _itl_samples(registry)[key] == 0
+    recorder(0.02, 100.0 + GAP_FLUSH_SECONDS)
+    assert _itl_samples(registry)[key] == 2
+    recorder(0.02, 101.5)  # the next flush is due a second after the last one
+    assert _itl_samples(registry)[key] == 2
+    recorder(0.02, 102.0 + GAP_FLUSH_SECONDS)
+    assert _itl_samples(registry)[key] == 4

@@ -30,7 +30,7 @@ def observe(
 ) -> tuple[StreamObserver, list[float]]:
     """Feed (time, chunk) pairs to an observer that arrived at t=0; return it and its gaps."""
     gaps: list[float] = []
-    observer = StreamObserver(api, kind, 0.0, gaps.append)  # type: ignore[arg-type]  # a BodyKind
+    observer = StreamObserver(api, kind, 0.0, lambda gap, _now: gaps.append(gap))  # type: ignore[arg-type]  # a BodyKind
     for now, data in chunks:
         observer.on_chunk(data, now)
     return observer, gaps

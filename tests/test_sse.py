@@ -422,3 +422,23 @@ def test_fast_path_agrees_with_general_path(value: bytes) -> None:
     assert fast.feed(chunk) == general.feed(chunk[1:])
     assert fast.at_event_boundary
     assert general.at_event_boundary
+
+
+@given(
+    st.lists(
+        st.binary().filter(lambda b: b"\n" not in b and b"\r" not in b), min_size=1, max_size=5
+    ),
+    st.sampled_from([b"", b"\n", b"\n\n", b"data: x\n", b": c\n\n", b"\ndata: y\n\n"]),
+)
+def test_multi_event_fast_path_agrees_with_general_path(values: list[bytes], tail: bytes) -> None:
+    """Chunks of several whole events (two reads coalesced), with or without odd tails,
+    give the same events and boundaries as the general line scanner."""
+    chunk = b"".join(b"data: " + value + b"\n\n" for value in values) + tail
+    fast = SSEScanner()
+    fast.feed(b": warm-up\n")
+    general = SSEScanner()
+    general.feed(b": warm-up\n")
+    general.feed(chunk[:1])
+    assert fast.feed(chunk) == general.feed(chunk[1:])
+    assert fast.at_event_boundary == general.at_event_boundary
+    assert fast.at_line_boundary == general.at_line_boundary
