@@ -280,7 +280,8 @@ class UpstreamPool:
         self.ssl = _ssl_context() if parts.scheme == "https" else None
         self.connect_timeout = upstream.connect_timeout
         self.read_timeout = upstream.read_timeout
-        self.idle: list[UpstreamConnection] = []
+        self.idle: list[UpstreamConnection] = []  # oldest first; reuse takes the newest
+        self.sweeper: asyncio.TimerHandle | None = None
 
     async def request(
         self, method: str, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes
@@ -352,8 +353,31 @@ class UpstreamPool:
             return
         conn.idle_since = conn.loop.time()
         self.idle.append(conn)
+        if self.sweeper is None:
+            self.sweeper = conn.loop.call_later(IDLE_EXPIRY, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the idle connections past IDLE_EXPIRY while nobody waits, so that no
+        request pays for closing them (after a quiet spell, a burst's first request would
+        otherwise close hundreds of expired connections in `_take_idle`)."""
+        self.sweeper = None
+        if not self.idle:
+            return
+        loop = self.idle[0].loop
+        now = loop.time()
+        expired = 0
+        while expired < len(self.idle) and now - self.idle[expired].idle_since >= IDLE_EXPIRY:
+            self.idle[expired].abort()
+            expired += 1
+        del self.idle[:expired]
+        if self.idle:
+            due = self.idle[0].idle_since + IDLE_EXPIRY - now
+            self.sweeper = loop.call_later(due, self._sweep)
 
     async def aclose(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
         while self.idle:
             self.idle.pop().abort()
 

@@ -4,7 +4,9 @@ connections, framing by length, chunks or close, HEAD, informational responses."
 from __future__ import annotations
 
 import asyncio
+import time
 
+from streamproxy import upstream as upstream_module
 from tests import client
 from tests.rawserver import raw_server, read_request
 
@@ -123,3 +125,22 @@ def test_oversized_response_head_is_502(start_proxy):
 
     with raw_server(handler, raw=True) as upstream, start_proxy(upstream.url) as proxy:
         assert client.request(proxy.url, "GET", "/x").status == 502
+
+
+def test_idle_connections_are_closed_when_they_expire(start_proxy, monkeypatch):
+    """Idle keep-alive connections are closed once IDLE_EXPIRY passes, by a timer, not
+    by the next request; one still in use is left alone."""
+    monkeypatch.setattr(upstream_module, "IDLE_EXPIRY", 0.3)
+
+    async def serve_until_eof(reader, writer, state):
+        await serve_many(reader, writer, state)
+        state.closed_at.append(time.monotonic())
+
+    with raw_server(serve_until_eof, raw=True) as upstream, start_proxy(upstream.url) as proxy:
+        assert client.request(proxy.url, "GET", "/x").body == b"{}"
+        released = time.monotonic()
+        closed = upstream.wait_closed(1, timeout=5.0)
+        assert closed is not None, "the idle connection was never closed"
+        assert 0.2 <= closed - released <= 3.0
+        assert client.request(proxy.url, "GET", "/x").body == b"{}"  # a fresh one
+        assert upstream.connections == 2
