@@ -244,7 +244,10 @@ class UpstreamResponse:
 
     def nudge(self) -> None:
         """Make the pending (or next) `read()` return None if no data is waiting: how the
-        keepalive timer hands the silent stream back to the pump."""
+        keepalive timer hands the silent stream back to the pump. A no-op once closed:
+        the connection may already serve another request from the pool."""
+        if self._closed:
+            return
         self._conn.nudged = True
         self._conn._wake()
 
