@@ -27,12 +27,14 @@ from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait as wait_for_sentinels
 from multiprocessing.process import BaseProcess
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 import uvicorn
 
 from streamproxy import logs
 from streamproxy.config import Config
+from streamproxy.upstream import TrustStoreError, tls_context
 
 log = structlog.get_logger("streamproxy.server")
 
@@ -206,6 +208,12 @@ def run_event_loop(main: Any) -> None:
 
 def run(config: Config) -> int:
     """Bind, announce, serve (in this process or N workers). Returns the exit code."""
+    if any(urlsplit(u.url).scheme == "https" for u in config.upstreams):
+        try:
+            tls_context()  # a broken SSL_CERT_FILE fails here, once, not on every request
+        except TrustStoreError as exc:
+            log.error("cannot load CA certificates", error=str(exc))
+            return 1
     try:
         proxy_sock = bind(config.listen.host, config.listen.port, fanout=True)
         admin_sock = bind(config.admin.host, config.admin.port)

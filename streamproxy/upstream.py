@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 from collections.abc import Sequence
 from typing import cast
@@ -280,7 +281,7 @@ class UpstreamPool:
         default_port = (parts.scheme, self.port) in (("http", 80), ("https", 443))
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = (host if default_port else f"{host}:{self.port}").encode("idna")
-        self.ssl = _ssl_context() if parts.scheme == "https" else None
+        self.ssl = tls_context() if parts.scheme == "https" else None
         self.connect_timeout = upstream.connect_timeout
         self.read_timeout = upstream.read_timeout
         self.idle: list[UpstreamConnection] = []  # oldest first; reuse takes the newest
@@ -399,12 +400,27 @@ def _request_head(
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def _ssl_context() -> ssl.SSLContext:
+class TrustStoreError(Exception):
+    """The CA certificates named by SSL_CERT_FILE / SSL_CERT_DIR cannot be loaded."""
+
+
+def tls_context() -> ssl.SSLContext:
+    """The TLS context of https upstreams: certifi's CA bundle, or the file and directory
+    named by SSL_CERT_FILE / SSL_CERT_DIR (the variables OpenSSL and httpx honour), for
+    upstreams behind a private CA or a TLS-inspecting gateway."""
+    cafile = os.environ.get("SSL_CERT_FILE") or None
+    capath = os.environ.get("SSL_CERT_DIR") or None
+    if cafile is None and capath is None:
+        try:
+            import certifi
+        except ImportError:  # pragma: no cover - certifi is a dependency
+            pass
+        else:
+            cafile = certifi.where()
     try:
-        import certifi
-    except ImportError:  # pragma: no cover - certifi is a dependency
-        context = ssl.create_default_context()
-    else:
-        context = ssl.create_default_context(cafile=certifi.where())
+        context = ssl.create_default_context(cafile=cafile, capath=capath)
+    except (OSError, ssl.SSLError) as exc:
+        where = f"{cafile or capath} (SSL_CERT_FILE/SSL_CERT_DIR)"
+        raise TrustStoreError(f"cannot load CA certificates from {where}: {exc}") from exc
     context.set_alpn_protocols(["http/1.1"])
     return context
