@@ -6,6 +6,7 @@ The tree, in the spirit of httpx's `_exceptions.py`::
     ├── RequestError                the client's request cannot be served (4xx)
     │   ├── BadTarget               400: not an origin-form path, or CONNECT
     │   ├── NoRoute                 404: no upstream's path_prefix matches
+    │   ├── BadRequestBody          400: the request body's chunked framing is broken
     │   └── BodyTooLarge            413: request body over limits.max_request_body
     ├── ClientDisconnected          the client went away (no response possible)
     └── UpstreamError               the upstream failed; `reason` is the metric label
@@ -62,6 +63,12 @@ class NoRoute(RequestError):
 
     status = 404
     error_type = "not_found_error"
+
+
+class BadRequestBody(RequestError):
+    """The request body could not be parsed (broken chunked framing)."""
+
+    status = 400
 
 
 class BodyTooLarge(RequestError):

@@ -1,12 +1,12 @@
 """KeepaliveTimer: SSE comments while the upstream is silent.
 
-The pump is the only writer to the client, so the timer never writes: when the stream
-has been silent for `interval` it *nudges* the pump (its pending upstream read returns
-None), and the pump sends the comment between two chunks, where nothing else can write.
 No task, no lock: one TimerHandle per stream, re-armed only when it fires. The hot path
-only stores the time of its last write (`Downstream.last_write`). A busy stream costs
-one wake-up per interval, an idle one too: 10,000 idle streams at 15 s are ~670
-wake-ups a second, not 10,000.
+only stores the time of its last write (`relay.Pump.last_write`); when the stream has
+been silent for `interval` the timer calls the pump, which writes the comment if the
+upstream stream stands at a line boundary. Writes are callbacks on one event loop, so a
+comment can only ever land between two chunks. A busy stream costs one wake-up per
+interval, an idle one too: 10,000 idle streams at 15 s are ~670 wake-ups a second, not
+10,000.
 """
 
 from __future__ import annotations

@@ -1,26 +1,31 @@
-"""ProxyApp: the pure-ASGI hot path. One `Exchange` per request.
+"""ProxyApp: the hot path. One `Exchange` per request, one `Pump` per response body.
 
 Theory of operation
 -------------------
 1. Route the raw path (longest `path_prefix`), read the request body up to the limit,
-   send it upstream (upstream.py: asyncio + httptools) and wait for the response head.
-   Failures before the response starts become a JSON error in the SDK's shape (502/504/4xx).
-2. Send the response headers, then pump: `while chunk := await read(): send(chunk)`.
-   One await per chunk and no reading ahead, so uvicorn's `drain()` gives backpressure
-   for free and a slow client holds at most the transport's buffers. Each chunk is
-   observed (scanner, token timings) only *after* it has been handed to the transport.
-3. Beside the pump, in one TaskGroup: a watcher on `receive()` (uvicorn reports a gone
-   client only there: its `send()` returns silently after a disconnect) that cancels the
-   pump, which closes the upstream connection at once (`UpstreamResponse.aclose`). For
-   identity-encoded SSE a keepalive timer (a TimerHandle, not a task) nudges the pump's
-   pending read after `interval` of silence; the pump then writes the comment itself.
-   The pump is the only writer, so a comment lands only between two chunks, where the
-   scanner, fed right after each write, says whether a line ended.
-4. End: a clean upstream EOF ends the body normally. Any failure (upstream error,
+   send it upstream (upstream.py) and wait for the response head. Failures before the
+   response starts become a JSON error in the SDK's shape (502/504/4xx).
+2. Send the response head, with any body bytes that came along with it, in one write.
+   Then a `Pump` takes the body from inside the upstream connection's `data_received`:
+   each network read is written to the client at once (http1.py frames it) and only
+   then observed (scanner, token timings). No task, future or queue per chunk: the
+   exchange's task sleeps on one future until the body ends.
+3. Backpressure: when the client's transport passes its high-water mark the pump stops
+   reading the upstream, and resumes once the client has caught up, so a slow client
+   holds at most the transports' buffers.
+4. A client that leaves is reported from its connection's `connection_lost`: the pump
+   closes the upstream connection right there. Before the response starts, the
+   exchange's task is cancelled instead, which closes the upstream connection too.
+5. Keepalive, for identity-encoded SSE: one TimerHandle per stream checks for silence
+   and writes the comment itself. Every write is a callback on one event loop, so a
+   comment can only land between two chunks, where the scanner (fed after each write)
+   says whether a line ended.
+6. End: a clean upstream EOF ends the body normally. Any failure (upstream error,
    timeout, drain abort) sends the contract's SSE error event if the stream stands at an
-   event boundary, then returns *without* `more_body: False`: uvicorn closes the
-   connection without the chunked terminator and every client sees a broken stream.
-5. Account exactly once: the observer's record goes to metrics and one access-log line.
+   event boundary, then closes the connection without the chunked terminator, so every
+   client sees a broken stream.
+7. Account exactly once: the observer's record goes to metrics and one access-log line,
+   before the client sees the end.
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
 
@@ -48,6 +53,7 @@ from streamproxy.errors import (
     json_error_body,
     sse_error_frame,
 )
+from streamproxy.http1 import Headers, Request, Response
 from streamproxy.keepalive import SLACK, KeepaliveTimer, comment_line
 from streamproxy.metrics import GapRecorder, Metrics
 from streamproxy.observer import Outcome, StreamObserver, body_kind
@@ -55,16 +61,12 @@ from streamproxy.providers import Api, detect_api, request_model, wants_stream
 from streamproxy.routing import Route, RouteTable
 from streamproxy.upstream import UpstreamPool, UpstreamResponse
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
 clock = time.monotonic
+log = structlog.get_logger("streamproxy.relay")
 
 
 class ProxyApp:
-    """The ASGI application that relays every request to its upstream."""
+    """Relays every request to its upstream: `handle` is the http1 server's handler."""
 
     def __init__(
         self,
@@ -80,12 +82,12 @@ class ProxyApp:
         self.metrics = metrics
         self.active: set[Exchange] = set()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            await Exchange(self, scope, receive, send).run()
+    async def handle(self, request: Request, response: Response) -> None:
+        await Exchange(self, request, response).run()
 
     def abort_all(self, message: str) -> int:
-        """End every running stream as an upstream failure (the drain timeout ran out)."""
+        """End every request in flight as an upstream failure (the drain timeout ran
+        out): streams get the error event, requests still waiting for the upstream a 503."""
         exchanges = list(self.active)
         for exchange in exchanges:
             exchange.abort(ProxyShuttingDown(message))
@@ -96,73 +98,137 @@ class ProxyApp:
             await pool.aclose()
 
 
-class Downstream:
-    """The single path of bytes to the client. Only the pump task writes through it (the
-    keepalive timer nudges the pump instead of writing), so writes never interleave."""
+class Pump:
+    """Moves one response body from the upstream to the client, called by the upstream
+    connection (`upstream.BodySink`). `done` resolves once: None for a clean end, else
+    what ended it (an UpstreamError, ClientDisconnected, ProxyShuttingDown)."""
 
-    __slots__ = ("interval", "last_write", "line", "observer", "on_keepalive", "send")
+    __slots__ = (
+        "done",
+        "interval",
+        "last_write",
+        "line",
+        "observer",
+        "observing",
+        "on_keepalive",
+        "response",
+        "timer",
+        "upstream",
+    )
 
     def __init__(
         self,
-        send: Send,
+        response: Response,
+        upstream: UpstreamResponse,
         observer: StreamObserver,
         on_keepalive: Callable[[], None],
-        line: bytes = b"",
-        interval: float = 0.0,
+        line: bytes,
+        interval: float,
     ) -> None:
-        self.send = send
+        self.response = response
+        self.upstream = upstream
         self.observer = observer
+        self.observing = True
         self.on_keepalive = on_keepalive
         self.line = line
         self.interval = interval
         self.last_write = clock()
+        self.timer: KeepaliveTimer | None = None
+        self.done: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
 
-    async def write(self, chunk: bytes) -> None:
-        """Send one upstream chunk, then observe it."""
-        await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+    # -- upstream.BodySink -----------------------------------------------------------
+
+    def on_body(self, chunk: bytes) -> None:
+        """Write one upstream read to the client, then observe it."""
+        self.response.write(chunk)
         self.last_write = now = clock()
-        self.observer.on_chunk(chunk, now)
+        self.observe(chunk, now)
 
-    async def write_keepalive(self) -> None:
-        """Send a comment if the stream is still silent and stands at a line boundary
-        (otherwise the timer asks again one interval later)."""
+    def on_end(self) -> None:
+        self._finish(None)
+
+    def on_error(self, error: UpstreamError) -> None:
+        self._finish(error)
+
+    # -- the rest --------------------------------------------------------------------
+
+    def observe(self, chunk: bytes, now: float) -> None:
+        if not self.observing:
+            return
+        try:
+            self.observer.on_chunk(chunk, now)
+        except Exception as exc:  # a bug in the metrics must not break the user's stream
+            self.observing = False  # the scanners' state is unknown now: no more comments
+            trace = "".join(traceback.format_exception(exc))
+            log.error("stream observer failed; relaying on unobserved", traceback=trace)
+
+    def start_keepalive(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.timer = KeepaliveTimer(self, self.interval, self.send_keepalive, loop.call_later)
+
+    def send_keepalive(self) -> None:
+        """The timer's call: a comment if the stream is still silent, the client keeps
+        up, and the upstream stream stands at a line boundary (otherwise the timer asks
+        again one interval later)."""
         if clock() - self.last_write < self.interval - SLACK:
             return  # a chunk went out since the timer fired
-        if not self.observer.at_line_boundary:
+        if self.response.paused or not self.observing or not self.observer.at_line_boundary:
             return
-        await self.send({"type": "http.response.body", "body": self.line, "more_body": True})
+        self.response.write(self.line)
         self.last_write = clock()
         self.on_keepalive()
+
+    def pause_writing(self) -> None:
+        self.upstream.pause()
+
+    def resume_writing(self) -> None:
+        self.upstream.resume()
+
+    def stop(self, reason: BaseException) -> None:
+        """End the stream now (the client left, or the drain ran out): the upstream
+        connection is closed in this very call."""
+        self.upstream.close()
+        self._finish(reason)
+
+    def stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _finish(self, result: BaseException | None) -> None:
+        self.stop_timer()
+        if not self.done.done():
+            self.done.set_result(result)
 
 
 class Exchange:
     """One request and its response. State flags are explicit, as in uvicorn's
-    RequestResponseCycle; the outcome is decided once, by `finish()`."""
+    RequestResponseCycle; the outcome is decided once, by `_account()`. It is also the
+    response's listener (http1.ResponseListener): client gone, writing paused, resumed."""
 
-    def __init__(self, app: ProxyApp, scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(self, app: ProxyApp, request: Request, response: Response) -> None:
         self.app = app
-        self.scope = scope
-        self.receive = receive
-        self.send = send
+        self.request = request
+        self.response = response
+        response.listener = self
         self.arrived = clock()
-        self.method: str = scope["method"]
-        self.path: str = scope["path"]
-        self.raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        self.method = request.method
+        self.path = request.path
         self.upstream_name = "none"
         self.api: Api = "unknown"
         self.model: str | None = None
         self.status = 0
         self.observer = StreamObserver("unknown", "none", self.arrived)
+        self.pump: Pump | None = None
         self.error: ProxyError | None = None
-        self.client_gone = False
+        self.client_left = False
         self.interrupted = False  # this exchange's task was cancelled by _interrupt()
         self.interrupt_absorbed = False
         self.accounted = False
         self.wants_stream = False
         self.upstream_answered = False
         self.committed = False  # 200 + SSE headers sent before the upstream answered
-        self.task: asyncio.Task[Any] | None = None  # the task running this exchange
-        self.group: asyncio.TaskGroup | None = None  # owns the watcher (and the early commit)
+        self.task: asyncio.Task[object] | None = None  # the task running this exchange
         self.gaps: GapRecorder | None = None  # inter-token gaps, flushed to the ITL histogram
 
     # -- the request ---------------------------------------------------------------
@@ -170,6 +236,7 @@ class Exchange:
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(request_id=self._request_id())
         self.task = asyncio.current_task()
+        self.app.active.add(self)
         outcome: Outcome = "upstream_error"  # if anything unforeseen escapes below
         try:
             outcome = await self._serve()
@@ -178,8 +245,12 @@ class Exchange:
         except asyncio.CancelledError:
             if not self._uncancel_interrupt():
                 raise
-            outcome = "client_disconnect" if self.client_gone else "upstream_error"
+            if self.client_left:
+                outcome = "client_disconnect"
+            elif self.error is not None:  # the drain ended it before the response began
+                outcome = self._send_error_response(self.error)
         finally:
+            self.app.active.discard(self)
             self._account(outcome)
 
     async def _serve(self) -> Outcome:
@@ -187,31 +258,20 @@ class Exchange:
             route = self._route()
             body = await self._read_body()
         except ProxyError as exc:
-            return await self._send_error_response(exc)
-        accept = hdrs.get(self.scope["headers"], b"accept")
+            return self._send_error_response(exc)
+        accept = hdrs.get(self.request.headers, b"accept")
         self.wants_stream = wants_stream(self.api, self.path, accept, body)
-        # From here on a watcher on receive() notices a client that leaves, whether the
-        # upstream is still thinking about its headers or already streaming.
-        async with asyncio.TaskGroup() as group:
-            self.group = group
-            watcher = group.create_task(self._watch_disconnect())
-            try:
-                return await self._open_and_relay(route, body)
-            finally:
-                watcher.cancel()
-
-    async def _open_and_relay(self, route: Route, body: bytes) -> Outcome:
         try:
             if self._commits_early():
-                response = await self._open_committing_early(route, body)
+                upstream = await self._open_committing_early(route, body)
             else:
-                response = await self._open_upstream(route, body)
+                upstream = await self._open_upstream(route, body)
         except ProxyError as exc:
-            return await self._send_error_response(exc)
-        return await self._relay(response)
+            return self._send_error_response(exc)
+        return await self._relay(upstream)
 
     def _request_id(self) -> str:
-        value: bytes | None = hdrs.get(self.scope["headers"], b"x-request-id")
+        value: bytes | None = hdrs.get(self.request.headers, b"x-request-id")
         if value is not None and 0 < len(value) <= 128:
             return value.decode("latin-1")
         return os.urandom(12).hex()  # as unique as a uuid4 for this purpose, cheaper
@@ -219,40 +279,43 @@ class Exchange:
     def _route(self) -> Route:
         if self.method == "CONNECT":
             raise MethodNotAllowed("CONNECT is not supported: this is a reverse proxy")
-        route = self.app.routes.match(self.raw_path)
+        route = self.app.routes.match(self.request.raw_path)
         self.upstream_name = route.upstream.name
         self.api = detect_api(self.path)
         return route
 
     async def _read_body(self) -> bytes:
         limit = self.app.max_body
-        length = hdrs.get(self.scope["headers"], b"content-length")
+        length = hdrs.get(self.request.headers, b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise BodyTooLarge(f"request body over the {limit}-byte limit")
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge(f"request body over the {limit}-byte limit")
-            parts.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(parts)
+        return await self.request.read_body()
 
     async def _open_upstream(self, route: Route, body: bytes) -> UpstreamResponse:
         self.model = request_model(self.api, self.path, body)
-        client = self.scope.get("client")
-        headers = hdrs.request_headers(
-            self.scope["headers"], client[0] if client else None, self.scope["scheme"]
-        )
+        request = self.request
+        headers = hdrs.request_headers(request.headers, request.client, "http")
         if route.credential is not None:
             headers = hdrs.with_credential(headers, route.credential)
-        target = route.target(self.raw_path, self.scope["query_string"])
+        target = route.target(request.raw_path, request.query)
         return await self.app.pools[route.upstream.name].request(self.method, target, headers, body)
+
+    # -- http1.ResponseListener -----------------------------------------------------
+
+    def client_gone(self) -> None:
+        self.client_left = True
+        if self.pump is not None:
+            self.pump.stop(ClientDisconnected())
+        else:
+            self._interrupt()
+
+    def pause_writing(self) -> None:
+        if self.pump is not None:
+            self.pump.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.pump is not None:
+            self.pump.resume_writing()
 
     # -- keepalive before the response headers (opt-in) -----------------------------
 
@@ -266,151 +329,126 @@ class Exchange:
 
         The trade-off (README): once 200 is committed, an upstream error status can only
         reach the client as the contract's SSE error event."""
-        assert self.group is not None
-        opening = self.group.create_task(_outcome_of(self._open_upstream(route, body)))
-        try:
-            while not (await asyncio.wait({opening}, timeout=self.app.keepalive.interval))[0]:
-                if not self.committed:
-                    self.committed = True
-                    self.status = 200
-                    start = {"type": "http.response.start", "status": 200, "headers": EARLY_HEADERS}
-                    await self.send(start)
-                line = self.app.keepalive_line
-                await self.send({"type": "http.response.body", "body": line, "more_body": True})
-                self._count_keepalive()
-        except asyncio.CancelledError:  # interrupted: the client left, or the drain ended it
-            opening.cancel()
-            if opening.done() and not opening.cancelled():
-                result = opening.result()
-                if isinstance(result, UpstreamResponse):
-                    await result.aclose()
-            raise
+        async with asyncio.TaskGroup() as group:
+            opening = group.create_task(_outcome_of(self._open_upstream(route, body)))
+            try:
+                while not (await asyncio.wait({opening}, timeout=self.app.keepalive.interval))[0]:
+                    if not self.committed:
+                        self.committed = True
+                        self.status = 200
+                        self.response.start(200, EARLY_HEADERS)
+                    self.response.write(self.app.keepalive_line)
+                    self._count_keepalive()
+            except asyncio.CancelledError:  # interrupted: the client left, or the drain ended it
+                opening.cancel()
+                if opening.done() and not opening.cancelled():
+                    result = opening.result()
+                    if isinstance(result, UpstreamResponse):
+                        result.close()
+                raise
         result = opening.result()
         if isinstance(result, ProxyError):
             raise result
         return result
 
-    async def _frame_upstream_error_status(self, response: UpstreamResponse) -> Outcome:
+    async def _frame_upstream_error_status(self, upstream: UpstreamResponse) -> Outcome:
         """After an early commit, an upstream error status becomes the SSE error event."""
         body = b""
         with contextlib.suppress(UpstreamError):
-            while len(body) <= 65536 and (chunk := await response.read()):  # never None:
-                body += chunk  # no keepalive timer nudges this read
+            while len(body) <= 65536 and (chunk := await upstream.read()):
+                body += chunk
         error_type, message = describe_error_body(body)
-        error = UpstreamError(f"upstream answered {response.status}: {message}")
+        error = UpstreamError(f"upstream answered {upstream.status}: {message}")
         error.error_type = error_type
         self.error = error
-        await self._send_error_frame(error, status=response.status)
+        self.response.write(sse_error_frame(error_type, error.message, status=upstream.status))
+        self.response.abort()
         return "upstream_error"
-
-    async def _send_error_frame(self, error: ProxyError, status: int | None = None) -> None:
-        frame = sse_error_frame(error.error_type, error.message, status=status)
-        await self.send({"type": "http.response.body", "body": frame, "more_body": True})
 
     # -- the response --------------------------------------------------------------
 
-    async def _relay(self, response: UpstreamResponse) -> Outcome:
+    async def _relay(self, upstream: UpstreamResponse) -> Outcome:
         self.upstream_answered = True
         try:
-            headers, is_sse = hdrs.response_headers(response.headers)
+            headers, is_sse = hdrs.response_headers(upstream.headers)
             kind = body_kind(hdrs.get(headers, b"content-type"))
             self.observer = StreamObserver(self.api, kind, self.arrived, self._gap_recorder())
             identity = hdrs.get(headers, b"content-encoding") in (None, b"identity")
-            self.status = response.status
-            if self.committed:
-                if self.status >= 400:
-                    return await self._frame_upstream_error_status(response)
-            else:
-                start = {"type": "http.response.start", "status": self.status, "headers": headers}
-                await self.send(start)
+            self.status = upstream.status
+            if self.committed and self.status >= 400:
+                return await self._frame_upstream_error_status(upstream)
             # Bytes may be added only to an identity-encoded SSE body framed by chunks: a
             # comment inside gzip corrupts it, and past a Content-Length it is an error.
             insertable = is_sse and identity and hdrs.get(headers, b"content-length") is None
             keepalive = insertable and self.app.keepalive.interval > 0
-            return await self._stream(response, keepalive, can_frame_error=insertable)
+            return await self._stream(upstream, headers, keepalive, can_frame_error=insertable)
         finally:
-            await response.aclose()
+            upstream.close()
 
     async def _stream(
-        self, response: UpstreamResponse, keepalive: bool, can_frame_error: bool
+        self, upstream: UpstreamResponse, headers: Headers, keepalive: bool, can_frame_error: bool
     ) -> Outcome:
-        writer = Downstream(
-            self.send,
+        keepalive_config = self.app.keepalive
+        pump = Pump(
+            self.response,
+            upstream,
             self.observer,
             self._count_keepalive,
             self.app.keepalive_line,
-            self.app.keepalive.interval,
+            keepalive_config.interval,
         )
+        first = upstream.take_buffered()
+        if self.committed:
+            self.response.write(first)
+        else:
+            self.response.start(self.status, headers, first)
+        if first:
+            pump.last_write = now = clock()
+            pump.observe(first, now)
         streamed = self.observer.kind != "none"
+        active = self.app.metrics.child("streams_active", self.upstream_name)
         if streamed:
-            self.app.metrics.child("streams_active", self.upstream_name).inc()
-        self.app.active.add(self)
+            active.inc()
+        self.pump = pump
         try:
-            outcome = await self._run_pump(response, writer, keepalive)
+            upstream.attach(pump)  # the body may already be complete: then `done` is too
+            if keepalive and not pump.done.done():
+                pump.start_keepalive()
+            ended = await pump.done
         finally:
-            self.app.active.discard(self)
+            pump.stop_timer()
             if streamed:
-                self.app.metrics.child("streams_active", self.upstream_name).dec()
-        if outcome in ("completed", "upstream_disconnect") and self.error is None:
-            await response.aclose()  # back to the pool before the client sees the end
-            self._account(outcome)  # so are the metrics
-            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
-        elif outcome != "client_disconnect" and can_frame_error and self.observer.at_event_boundary:
-            await self._send_error_frame(self.error or UpstreamError("upstream failed"))
-        # Otherwise return without `more_body: False`: uvicorn closes the connection
-        # without the chunked terminator, so the client sees an incomplete body.
-        return outcome
+                active.dec()
+        return self._end_stream(pump, ended, can_frame_error)
 
-    async def _run_pump(
-        self, response: UpstreamResponse, writer: Downstream, keepalive: bool
+    def _end_stream(
+        self, pump: Pump, ended: BaseException | None, can_frame_error: bool
     ) -> Outcome:
-        """Pump in this task, with the keepalive timer nudging it (and the disconnect
-        watcher started by `_serve`).
-
-        A client disconnect or a drain abort stops the pump the only way a pending read
-        can be stopped: by cancelling this task (`_interrupt`). The flag set first says
-        why, so a cancellation from anyone else still propagates."""
-        timer = None
-        if keepalive:
-            loop = asyncio.get_running_loop()
-            timer = KeepaliveTimer(writer, writer.interval, response.nudge, loop.call_later)
-        try:
-            return await self._pump(response, writer)
-        except asyncio.CancelledError:
-            if not self._uncancel_interrupt():
-                raise
-            return "client_disconnect" if self.client_gone else "upstream_error"
-        finally:
-            if timer is not None:
-                timer.cancel()
-
-    async def _pump(self, response: UpstreamResponse, writer: Downstream) -> Outcome:
-        """Relay the body: one await per chunk, nothing read ahead."""
-        read = response.read
-        try:
-            while (chunk := await read()) != b"":
-                if chunk is None:  # nudged by the keepalive timer: the upstream is silent
-                    await writer.write_keepalive()
-                    continue
-                if response.finished:  # the last piece: free the connection before the
-                    await response.aclose()  # client can see the end and send again
-                await writer.write(chunk)
-        except UpstreamError as exc:
-            self.error = exc
-            return _failure_outcome(exc)
-        self.observer.on_eof(clock())
-        return self.observer.clean_end_outcome()
-
-    async def _watch_disconnect(self) -> None:
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                self.client_gone = True
-                self._interrupt()
-                return
+        observer = self.observer
+        if ended is None:
+            if pump.observing:
+                observer.on_eof(clock())
+            outcome = observer.clean_end_outcome()
+            pump.upstream.close()  # back to the pool before the client can send again
+            self._account(outcome)  # counted before the client sees the end
+            self.response.end()
+            return outcome
+        if isinstance(ended, ClientDisconnected):
+            self.response.abort()
+            return "client_disconnect"
+        error = ended if isinstance(ended, UpstreamError) else UpstreamError(str(ended))
+        self.error = error
+        if can_frame_error and pump.observing and observer.at_event_boundary:
+            self.response.write(sse_error_frame(error.error_type, error.message))
+        # No chunked terminator: the client sees an incomplete body.
+        self.response.abort()
+        return _failure_outcome(error)
 
     def abort(self, error: UpstreamError) -> None:
         """End this stream as an upstream failure (used by the drain on shutdown)."""
+        if self.pump is not None:
+            self.pump.stop(error)
+            return
         if self.error is None:
             self.error = error
         self._interrupt()
@@ -428,22 +466,23 @@ class Exchange:
         self.task.uncancel()
         return True
 
-    async def _send_error_response(self, exc: ProxyError) -> Outcome:
+    def _send_error_response(self, exc: ProxyError) -> Outcome:
         self.error = exc
+        outcome = _failure_outcome(exc)
         if self.committed:  # 200 is on the wire: the error can only be an SSE event
-            await self._send_error_frame(exc, status=exc.status)
-            return _failure_outcome(exc)
+            self.response.write(sse_error_frame(exc.error_type, exc.message, status=exc.status))
+            self.response.abort()
+            return outcome
         self.status = exc.status
-        anthropic = self.api == "anthropic"
-        body = json_error_body(exc, anthropic=anthropic)
+        body = json_error_body(exc, anthropic=self.api == "anthropic")
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode("ascii")),
         ]
-        await self.send({"type": "http.response.start", "status": exc.status, "headers": headers})
-        self._account(_failure_outcome(exc))  # counted before the client sees the end
-        await self.send({"type": "http.response.body", "body": body, "more_body": False})
-        return _failure_outcome(exc)
+        self._account(outcome)  # counted before the client sees the answer
+        self.response.start(exc.status, headers, body)
+        self.response.end()
+        return outcome
 
     # -- accounting ----------------------------------------------------------------
 

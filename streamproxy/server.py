@@ -1,10 +1,10 @@
 """Run the proxy and admin servers; drain on SIGTERM; `--workers N` processes.
 
-One process: both uvicorn servers run in one event loop. On SIGTERM or SIGINT:
-`/readyz` turns 503, the proxy stops accepting connections (uvicorn's own shutdown
-closes the listener and idle keep-alive connections), in-flight streams run on for up
-to `shutdown.drain_timeout`, then the rest are ended as upstream failures (error event,
-no chunked terminator), and the process exits 0.
+One process: the proxy (http1.py) and the admin app (uvicorn) run in one event loop. On
+SIGTERM or SIGINT: `/readyz` turns 503, the proxy stops accepting connections and closes
+its idle keep-alive ones, in-flight requests run on for up to `shutdown.drain_timeout`,
+then the rest are ended as upstream failures (an error event and no chunked terminator
+for a stream, a 503 before the response started), and the process exits 0.
 
 N processes: the parent binds both sockets, points PROMETHEUS_MULTIPROC_DIR at a fresh
 directory *before* any worker imports prometheus_client (the mode is fixed at import),
@@ -34,14 +34,15 @@ import uvicorn
 
 from streamproxy import logs
 from streamproxy.config import Config
+from streamproxy.http1 import ProxyServer
 from streamproxy.upstream import TrustStoreError, tls_context
 
 log = structlog.get_logger("streamproxy.server")
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's Server without its signal capture: `serve()` below owns the signals (and
-    uvicorn would re-raise SIGTERM after shutdown, turning a clean drain into exit 143)."""
+    """uvicorn's Server (the admin app) without its signal capture: `serve()` below owns
+    the signals (uvicorn would re-raise SIGTERM after shutdown: exit 143, not 0)."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -49,7 +50,7 @@ class _Server(uvicorn.Server):
 
 
 def bind(host: str, port: int, *, fanout: bool = False) -> socket.socket:
-    """A bound TCP socket (IPv6 if the host says so); listening starts in uvicorn.
+    """A bound TCP socket (IPv6 if the host says so); listening starts in the server.
     `fanout`: allow `accept_fanout()` to bind more listeners to the same port, after
     checking that no other process listens there (SO_REUSEPORT would share the port
     with it silently instead of failing)."""
@@ -94,28 +95,22 @@ def accept_fanout(sock: socket.socket) -> list[socket.socket]:
     return listeners
 
 
-# The uvicorn settings of both servers (tests run the proxy with the same ones).
-UVICORN_OPTIONS: dict[str, Any] = {
-    "lifespan": "off",
-    "access_log": False,  # relay.py writes one access line per request instead
-    "log_config": None,  # logs.configure() owns logging
-    "server_header": False,  # the upstream's Server and Date headers pass through
-    "date_header": False,
-    # uvicorn would rewrite the client address from X-Forwarded-For; the relay appends
-    # the real peer to that header itself.
-    "proxy_headers": False,
-    "backlog": 4096,
-    "timeout_keep_alive": 75,  # above common LB idle timeouts (ALB 60 s), as nginx does
-}
+BACKLOG = 4096  # connections the kernel queues per listener before the loop accepts them
+# After the drain timeout has ended the streams: how long the rest of the request tasks
+# get to finish (writing their error answers) before they are cancelled.
+SHUTDOWN_GRACE = 1.0
 
 
-def _uvicorn_config(app: Any, drain_timeout: float) -> uvicorn.Config:
+def _admin_config(app: Any) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         http="httptools",
-        # A backstop only: the drain below ends streams at drain_timeout itself.
-        timeout_graceful_shutdown=int(drain_timeout) + 5,
-        **UVICORN_OPTIONS,
+        lifespan="off",
+        access_log=False,
+        log_config=None,  # logs.configure() owns logging
+        server_header=False,
+        date_header=False,
+        timeout_graceful_shutdown=1,
     )
 
 
@@ -138,8 +133,8 @@ async def serve(
     app = ProxyApp(config, Metrics(registry, config.metrics))
     readiness = Readiness()
     drain = config.shutdown.drain_timeout
-    proxy = _Server(_uvicorn_config(app, drain))
-    admin = _Server(_uvicorn_config(create_admin_app(registry, readiness), drain))
+    proxy = ProxyServer(app.handle, max_body=config.limits.max_request_body)
+    admin = _Server(_admin_config(create_admin_app(registry, readiness)))
     listeners = accept_fanout(proxy_sock)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -147,10 +142,10 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     try:
         async with asyncio.TaskGroup() as group:
-            proxy_task = group.create_task(proxy.serve(sockets=listeners))
+            await proxy.start(listeners, backlog=BACKLOG)
             group.create_task(admin.serve(sockets=[admin_sock]))
             # uvicorn offers a `started` flag, no event to await
-            while not (proxy.started and admin.started):  # noqa: ASYNC110
+            while not admin.started:  # noqa: ASYNC110
                 await asyncio.sleep(0.005)
             readiness.started = True
             _tune_gc()
@@ -158,18 +153,16 @@ async def serve(
                 ready()
             await stop.wait()
             readiness.draining = True
-            log.info("draining", active_streams=len(app.active), drain_timeout=drain)
-            proxy.should_exit = True
-            watchdog = group.create_task(_abort_after(app, drain))
-            await proxy_task
-            watchdog.cancel()
+            log.info("draining", active_requests=len(app.active), drain_timeout=drain)
+            await _drain(proxy, app, drain)
             admin.should_exit = True
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        await proxy.shutdown(SHUTDOWN_GRACE)
         await app.aclose()
-        for extra in listeners[1:]:
-            extra.close()
+        for listener in listeners:
+            listener.close()
     log.info("stopped")
 
 
@@ -188,11 +181,21 @@ def _tune_gc() -> None:
     gc.set_threshold(5_000, 20, 20)
 
 
-async def _abort_after(app: Any, seconds: float) -> None:
-    await asyncio.sleep(seconds)
+async def _drain(proxy: ProxyServer, app: Any, seconds: float) -> None:
+    """Stop accepting, let the requests in flight finish for up to `seconds`, then end
+    the rest as failures."""
+    proxy.stop_accepting()
+    deadline = asyncio.get_running_loop().time() + seconds
+    while proxy.tasks:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            break
+        await asyncio.wait(list(proxy.tasks), timeout=left)
     aborted = app.abort_all("streamproxy is shutting down (drain timeout reached)")
     if aborted:
-        log.warning("drain timeout reached", aborted_streams=aborted)
+        log.warning("drain timeout reached", aborted_requests=aborted)
+    if proxy.tasks:
+        await asyncio.wait(list(proxy.tasks), timeout=SHUTDOWN_GRACE)
 
 
 def run_event_loop(main: Any) -> None:
@@ -288,6 +291,9 @@ def _supervise(config: Config, proxy_sock: socket.socket, admin_sock: socket.soc
     def forward(signum: int, _: Any) -> None:
         nonlocal stopping
         stopping = True
+        # The workers close their listeners as they drain; this process's copy of the
+        # shared one would keep the port listening, queueing connections nobody accepts.
+        proxy_sock.close()
         for process in workers:
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signal.SIGTERM)

@@ -6,17 +6,21 @@ every body read went through five async generator layers, an anyio cancel scope 
 h11's pure-Python chunked parser: ~200 µs of CPU per relayed event against nginx's ~12.
 This client keeps the same promises with one C parser and no layers:
 
-- `UpstreamConnection` is an `asyncio.Protocol`. `data_received` feeds llhttp; body
-  pieces go to a buffer that `read()` hands out, and reading from the socket pauses once
-  64 KiB wait unread: backpressure reaches the upstream's TCP window.
-- Bodies are never decoded: `read()` returns the bytes of the HTTP message body exactly
+- `UpstreamConnection` is an `asyncio.Protocol`. `data_received` feeds llhttp. Until
+  the response head is complete, a task waits for it (`UpstreamPool.request`). The body
+  then goes to a `BodySink` (the relay's pump) from inside `data_received`, one call per
+  network read, without a task or a future per chunk; `read()` pulls a body instead
+  (small error bodies). Unread pieces pause the socket once 64 KiB wait: backpressure
+  reaches the upstream's TCP window.
+- Bodies are never decoded: the sink gets the bytes of the HTTP message body exactly
   (chunked framing removed, Content-Encoding untouched).
 - Silence is measured by one timer per response, re-armed lazily: the hot path only
   stores the time of the last read, never creates or cancels a timer per chunk.
 - Closing a response that is not finished closes its connection: a client that leaves
   mid-stream ends the upstream request at once.
-- Errors are raised as the proxy's own (`UpstreamConnectError`, `UpstreamTimeout`,
-  `UpstreamProtocolError`), so the relay never sees a transport exception.
+- Errors are raised (or given to the sink) as the proxy's own (`UpstreamConnectError`,
+  `UpstreamTimeout`, `UpstreamProtocolError`), so the relay never sees a transport
+  exception.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import contextlib
 import os
 import ssl
 from collections.abc import Sequence
-from typing import cast
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -47,6 +51,15 @@ MAX_HEAD = 64 * 1024  # response head limit (h11 allows 16 KiB, nginx 4-8 KiB pe
 # Body bytes held unread before the socket stops being read (asyncio's StreamReader
 # pauses at 2 x 64 KiB). Pausing per piece instead would cost two epoll_ctl calls per event.
 HIGH_WATER = 64 * 1024
+
+
+class BodySink(Protocol):
+    """Where a response body goes as it arrives (called from the connection's callbacks):
+    `on_body` per network read, then exactly one of `on_end` or `on_error`."""
+
+    def on_body(self, chunk: bytes) -> None: ...
+    def on_end(self) -> None: ...
+    def on_error(self, error: UpstreamError) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -74,9 +87,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.error: UpstreamError | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.last_data = 0.0
-        self.paused = False
+        self.paused = False  # reading paused: unread pieces, or a slow client
         self.silence_timer: asyncio.TimerHandle | None = None
-        self.nudged = False  # nudge() asked the pending read() to return None
+        self.sink: BodySink | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -95,6 +108,9 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamProtocolError("upstream switched protocols"))
             return
+        if self.sink is not None:
+            self.deliver()
+            return
         if self.pieces or self.message_done or self.headers_done:
             self._wake()
         if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
@@ -111,7 +127,7 @@ class UpstreamConnection(asyncio.Protocol):
             where = "mid-body" if self.headers_done else "before the response headers"
             detail = f": {exc}" if exc else ""
             self.error = UpstreamProtocolError(f"upstream closed the connection {where}{detail}")
-        self._wake()
+        self._notify()
 
     # -- httptools callbacks ---------------------------------------------------------
 
@@ -146,6 +162,30 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- used by UpstreamResponse ----------------------------------------------------
 
+    def deliver(self) -> None:
+        """Hand what the parser has to the sink: the pieces of this read as one chunk,
+        then the end or the error, once."""
+        sink = self.sink
+        if sink is None:
+            return
+        if self.pieces:
+            pieces = self.pieces
+            self.pieces = []
+            self.buffered = 0
+            sink.on_body(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        if self.message_done:
+            self.sink = None
+            sink.on_end()
+        elif self.error is not None:
+            self.sink = None
+            sink.on_error(self.error)
+
+    def _notify(self) -> None:
+        if self.sink is not None:
+            self.deliver()
+        else:
+            self._wake()
+
     def _wake(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
@@ -153,8 +193,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _fail(self, error: UpstreamError) -> None:
         self.error = error
-        self._wake()
         self.abort()
+        self._notify()
 
     def abort(self) -> None:
         self.closed = True
@@ -187,7 +227,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.message_done or self.error is not None:
             self.silence_timer = None
             return
-        if self.waiter is None or self.paused:
+        if self.paused or (self.sink is None and self.waiter is None):
             # We are not waiting for the upstream (the client is slow): not its silence.
             deadline = now + timeout
         else:
@@ -195,7 +235,7 @@ class UpstreamConnection(asyncio.Protocol):
             if now >= deadline:
                 self.silence_timer = None
                 self.error = UpstreamTimeout(f"upstream was silent for {timeout:g} s")
-                self._wake()
+                self._notify()
                 return
         self.silence_timer = self.loop.call_at(deadline, self._check_silence, timeout)
 
@@ -209,7 +249,8 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamResponse:
-    """A response whose body is read with `read()`; `close()` releases the connection."""
+    """A response whose body goes to a sink (`attach`) or is pulled (`read`); `close()`
+    gives the connection back to the pool, or closes it if the body is not finished."""
 
     __slots__ = ("_closed", "_conn", "_pool", "headers", "status")
 
@@ -220,52 +261,71 @@ class UpstreamResponse:
         self.status = conn.status
         self.headers = conn.headers
 
-    async def read(self) -> bytes | None:
-        """The next piece of the body as it arrived; b"" at its end; None if `nudge()`
-        was called while there was nothing to return. Raises UpstreamError."""
+    def take_buffered(self) -> bytes:
+        """The body bytes that arrived with the head (b"" if none), taken: the relay sends
+        them with the response head, in one write."""
+        conn = self._conn
+        pieces = conn.pieces
+        if not pieces:
+            return b""
+        conn.pieces = []
+        conn.buffered = 0
+        self.resume()
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def attach(self, sink: BodySink) -> None:
+        """Deliver the rest of the body to `sink`, starting with what is already here."""
+        self._conn.sink = sink
+        self._conn.deliver()
+        self.resume()
+
+    def pause(self) -> None:
+        """Stop reading from the upstream (the client is not keeping up)."""
+        conn = self._conn
+        if not conn.paused and not self._closed and conn.transport is not None:
+            conn.paused = True
+            conn.transport.pause_reading()
+
+    def resume(self) -> None:
+        conn = self._conn
+        if conn.paused and not self._closed and conn.transport is not None:
+            conn.paused = False
+            conn.transport.resume_reading()
+
+    async def read(self) -> bytes:
+        """The next piece of the body as it arrived; b"" at its end. Raises UpstreamError."""
         conn = self._conn
         while True:
             pieces = conn.pieces
             if pieces:
-                conn.nudged = False
                 conn.pieces = []
                 conn.buffered = 0
-                if conn.paused and conn.transport is not None:
-                    conn.paused = False
-                    conn.transport.resume_reading()
+                self.resume()
                 return pieces[0] if len(pieces) == 1 else b"".join(pieces)
             if conn.message_done:
                 return b""
             if conn.error is not None:
                 raise conn.error
-            if conn.nudged:
-                conn.nudged = False
-                return None
             await conn.wait()
-
-    def nudge(self) -> None:
-        """Make the pending (or next) `read()` return None if no data is waiting: how the
-        keepalive timer hands the silent stream back to the pump. A no-op once closed:
-        the connection may already serve another request from the pool."""
-        if self._closed:
-            return
-        self._conn.nudged = True
-        self._conn._wake()
 
     @property
     def finished(self) -> bool:
-        """The whole body has been read (the next `read()` returns b"")."""
+        """The whole body has been received and handed out."""
         return self._conn.message_done and not self._conn.pieces
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         """Give the connection back if the body was read to its end; close it otherwise.
         Idempotent."""
         if self._closed:
             return
         self._closed = True
         conn = self._conn
+        conn.sink = None
         conn.stop_silence_timer()
         if conn.message_done and not conn.pieces and conn.error is None:
+            if conn.paused and conn.transport is not None:
+                conn.paused = False
+                conn.transport.resume_reading()
             self._pool.release(conn)
         else:
             conn.abort()

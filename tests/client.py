@@ -44,6 +44,7 @@ def request(
     timeout: float = 30.0,
     max_seconds: float | None = None,
     raw_body: bytes | None = None,
+    http_version: str = "1.1",
 ) -> RawResponse:
     """Send one request and read the whole response (or until the peer cuts it).
     `raw_body` is written as is after the head (for hand-made chunked bodies)."""
@@ -59,6 +60,7 @@ def request(
             body,
             max_seconds,
             raw_body,
+            http_version,
         )
     finally:
         sock.close()
@@ -73,22 +75,25 @@ def exchange(
     body: bytes,
     max_seconds: float | None = None,
     raw_body: bytes | None = None,
+    http_version: str = "1.1",
 ) -> RawResponse:
     conn = h11.Connection(h11.CLIENT)
     all_headers = [("host", host), *(headers or [])]
     if body:
         all_headers.append(("content-length", str(len(body))))
     started = time.monotonic()
-    if raw_body is not None:  # bypass h11's framing for the request
-        head = f"{method} {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in all_headers)
-        sock.sendall(head.encode() + b"\r\n" + raw_body)
-        conn = h11.Connection(h11.CLIENT)
+    if raw_body is not None or http_version != "1.1":  # h11 only writes HTTP/1.1 framing
+        lines = [f"{method} {target} HTTP/{http_version}", *(f"{k}: {v}" for k, v in all_headers)]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+        sock.sendall(head + (body if raw_body is None else raw_body))
+        conn = h11.Connection(h11.CLIENT)  # in the state of having sent a request
         conn.send(
             h11.Request(method=method, target="/", headers=[("host", "x"), ("content-length", "0")])
         )
         conn.send(h11.EndOfMessage())
     else:
-        sock.sendall(conn.send(h11.Request(method=method, target=target, headers=all_headers)))
+        request = h11.Request(method=method, target=target, headers=all_headers)
+        sock.sendall(conn.send(request))
         if body:
             sock.sendall(conn.send(h11.Data(data=body)))
         sock.sendall(conn.send(h11.EndOfMessage()))

@@ -15,19 +15,12 @@ from streamproxy import logs
 from streamproxy.config import Config, KeepaliveConfig, UpstreamConfig
 from streamproxy.metrics import Metrics
 from streamproxy.relay import ProxyApp
-from streamproxy.server import UVICORN_OPTIONS
-from tests.support import serve_app
+from tests.support import serve_app, serve_proxy
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_logs() -> None:
     logs.configure("warning", "console", cache=False)
-
-
-@pytest.fixture(params=["httptools", "h11"])
-def http_impl(request: pytest.FixtureRequest) -> str:
-    """Both uvicorn HTTP parsers, for the byte-exact battery (uvicorn's own tests do this)."""
-    return str(request.param)
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +57,6 @@ def start_proxy() -> ProxyFactory:
     def start(
         upstream: str | list[UpstreamConfig],
         *,
-        http: str = "httptools",
         keepalive: float = 15.0,
         before_headers: bool = False,
         env: dict[str, str] | None = None,
@@ -83,7 +75,8 @@ def start_proxy() -> ProxyFactory:
         )
         registry = CollectorRegistry()
         app = ProxyApp(config, Metrics(registry, config.metrics), env=env or {})
-        with serve_app(app, http=http, cleanup=app.aclose, **UVICORN_OPTIONS) as url:
+        max_body = config.limits.max_request_body
+        with serve_proxy(app.handle, max_body=max_body, cleanup=app.aclose) as url:
             yield RunningProxy(url, app, registry)
 
     return start

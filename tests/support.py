@@ -1,11 +1,13 @@
-"""Loopback servers for tests: real uvicorn on 127.0.0.1:0, in a background thread.
+"""Loopback servers for tests, on 127.0.0.1:0 in a background thread: ASGI apps (the mock
+upstream) under real uvicorn, and the proxy under its own server (http1.py), both on uvloop.
 
 Modelled on httpx's `serve_in_thread` and uvicorn's `run_server`: bind the socket first so
-the port is known, then wait on `server.started` instead of sleeping a guessed time.
+the port is known, then wait until the server has started instead of sleeping a guessed time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -24,6 +26,7 @@ from typing import Any
 
 import uvicorn
 
+from streamproxy.http1 import Handler, ProxyServer
 from streamproxy.server import run_event_loop
 
 
@@ -68,6 +71,45 @@ def serve_app(
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@contextlib.contextmanager
+def serve_proxy(
+    handler: Handler,
+    *,
+    max_body: int,
+    cleanup: Callable[[], Awaitable[None]] | None = None,
+    **options: Any,
+) -> Iterator[str]:
+    """Run the proxy's HTTP server with `handler` (ProxyApp.handle) on loopback, as
+    `streamproxy serve` does; yield its base URL. `cleanup` runs in its loop at the end."""
+    sock = bind_loopback()
+    port = sock.getsockname()[1]
+    started = threading.Event()
+    stopping: list[Callable[[], None]] = []
+
+    async def main() -> None:
+        server = ProxyServer(handler, max_body=max_body, **options)
+        await server.start([sock])
+        stop = asyncio.Event()
+        stopping.append(lambda: server.loop.call_soon_threadsafe(stop.set))
+        started.set()
+        await stop.wait()
+        await server.shutdown(grace=1.0)
+        if cleanup is not None:
+            await cleanup()
+
+    thread = threading.Thread(target=run_event_loop, args=(main(),))
+    thread.daemon = True
+    thread.start()
+    if not started.wait(10):
+        raise RuntimeError("test proxy did not start")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stopping[0]()
         thread.join(10)
         sock.close()
 

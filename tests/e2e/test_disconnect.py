@@ -33,10 +33,10 @@ def _open_stream(proxy_url: str) -> socket.socket:
     return sock
 
 
-def test_client_disconnect_closes_upstream(start_proxy, http_impl):
+def test_client_disconnect_closes_upstream(start_proxy):
     """Closing the client socket mid-stream closes the upstream connection within a second
     (the benchmark measures how far under 100 ms), and counts a client-side drop."""
-    with raw_server(endless_stream) as upstream, start_proxy(upstream.url, http=http_impl) as proxy:
+    with raw_server(endless_stream) as upstream, start_proxy(upstream.url) as proxy:
         sock = _open_stream(proxy.url)
         assert upstream.closed_at == []
         closed = time.monotonic()

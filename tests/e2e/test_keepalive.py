@@ -91,10 +91,10 @@ def stall_gap(response: client.RawResponse) -> tuple[float, float]:
 # --- stalls at a line boundary -------------------------------------------------------------------
 
 
-def test_comments_fill_a_stall_at_an_event_boundary(start_proxy, mock_url, http_impl):
+def test_comments_fill_a_stall_at_an_event_boundary(start_proxy, mock_url):
     """During a 2 s stall between events, comments arrive every interval; without them the
     body is the upstream's, and the counter matches the comment lines."""
-    with start_proxy(mock_url, http=http_impl, keepalive=0.5) as proxy:
+    with start_proxy(mock_url, keepalive=0.5) as proxy:
         response = chat(proxy.url, {"x-mock-stall": "2"})
         sent = proxy.metric(KEEPALIVES, UPSTREAM)
     baseline = chat(mock_url, {})  # the same stream straight from the mock, without the stall
@@ -128,11 +128,11 @@ def test_comments_fill_the_silence_before_the_first_event(start_proxy, mock_url)
 # --- never inside a line -------------------------------------------------------------------------
 
 
-def test_no_comment_inside_a_stalled_line(start_proxy, mock_url, http_impl):
+def test_no_comment_inside_a_stalled_line(start_proxy, mock_url):
     """A 3 s stall in the middle of a data line gets no comment: the bytes are exactly the
     upstream's, and nothing is counted."""
     knobs = {"x-mock-stall": "3", "x-mock-stall-mode": "line"}
-    with start_proxy(mock_url, http=http_impl, keepalive=0.5) as proxy:
+    with start_proxy(mock_url, keepalive=0.5) as proxy:
         response = chat(proxy.url, knobs)
         sent = proxy.metric(KEEPALIVES, UPSTREAM)
     baseline = chat(mock_url, {})
@@ -144,7 +144,7 @@ def test_no_comment_inside_a_stalled_line(start_proxy, mock_url, http_impl):
     assert max(b - a for a, b in itertools.pairwise(times)) > 2.5  # it did stall
 
 
-def test_comments_wait_for_the_line_to_end(start_proxy, mock_url, http_impl):
+def test_comments_wait_for_the_line_to_end(start_proxy, mock_url):
     """Scripted: no comment while the upstream stands mid-line for 1.5 s, then comments
     during the next stall, which falls at a line boundary."""
     chunks: list[bytes | tuple[bytes, float]] = [
@@ -152,7 +152,7 @@ def test_comments_wait_for_the_line_to_end(start_proxy, mock_url, http_impl):
         (b'": "rest"}\n\n', 1.5),
         (b"data: next\n\n", 1.0),
     ]
-    with start_proxy(mock_url, http=http_impl, keepalive=0.3) as proxy:
+    with start_proxy(mock_url, keepalive=0.3) as proxy:
         response = scripted(proxy.url, chunks)
         sent = proxy.metric(KEEPALIVES, UPSTREAM)
     assert response.complete

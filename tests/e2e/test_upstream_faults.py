@@ -112,10 +112,10 @@ def test_upstream_error_status_passes_through(start_proxy, mock_url, sdk):
             )
 
 
-def test_abort_at_event_boundary_sends_error_event(start_proxy, mock_url, http_impl):
+def test_abort_at_event_boundary_sends_error_event(start_proxy, mock_url):
     """An upstream that dies between events: the client gets the contract's error event
     and a body without its chunked terminator."""
-    with start_proxy(mock_url, http=http_impl) as proxy:
+    with start_proxy(mock_url) as proxy:
         headers = [*JSON, ("x-mock-abort-after", "3"), ("x-mock-tokens", "10")]
         response = client.request(proxy.url, "POST", "/v1/chat/completions", headers, CHAT)
         assert response.status == 200

@@ -3,12 +3,12 @@
 nginx (default settings: buffering on, HTTP/1.0 to the backend) holds a small streamed
 response that the backend delimits by closing the connection until the response ends,
 unless the backend answers with `X-Accel-Buffering: no`, which the proxy adds to every
-streamed response. Both backends here run under uvicorn's h11 parser, which answers an
-HTTP/1.0 request close-delimited. (A *chunked* backend answer, e.g. from uvicorn's
-httptools parser, which chunks even for HTTP/1.0, or with `proxy_http_version 1.1`, is
-passed through chunk by chunk by nginx 1.22 even with buffering on, so it could not tell
-whether the header works.) The control puts the same nginx directly in front of the mock,
-which does not send the header.
+streamed response. Both backends answer an HTTP/1.0 request close-delimited (the proxy
+itself, and the mock under uvicorn's h11 parser). (A *chunked* backend answer, e.g. from
+uvicorn's httptools parser, which chunks even for HTTP/1.0, or with `proxy_http_version
+1.1`, is passed through chunk by chunk by nginx 1.22 even with buffering on, so it could
+not tell whether the header works.) The control puts the same nginx directly in front of
+the mock, which does not send the header.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def h11_mock_url():
 def test_events_pass_buffering_nginx_one_by_one(start_proxy, h11_mock_url, nginx):
     """Behind nginx with proxy_buffering on, the proxy's events still arrive one by one,
     spread over the stream's 1.8 s, because it sends X-Accel-Buffering: no."""
-    with start_proxy(h11_mock_url, http="h11", keepalive=0) as proxy:
+    with start_proxy(h11_mock_url, keepalive=0) as proxy:
         balancer = nginx(proxy.url)
         arrivals = _events_through(balancer.url)
     assert arrivals[0] < 0.8, arrivals  # the first event did not wait for the last

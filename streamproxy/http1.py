@@ -1,0 +1,625 @@
+"""The client side of the proxy: an HTTP/1.1 server on asyncio, parsed by httptools (llhttp).
+
+Why not uvicorn here (it still serves the admin port): a proxy's work per stream is
+accepting a connection and moving body chunks, and on the benchmark's 2-core machine
+uvicorn with a trivial ASGI app spent 0.57 ms of CPU per new connection and stream (an
+asyncio Protocol with httptools: 0.28 ms), and every body chunk of the relay went through
+an ASGI message dict, a coroutine `send()` and a wake-up of the relay's task. Here the
+relay writes each chunk from inside the upstream connection's `data_received`.
+
+- `ClientConnection` is an `asyncio.Protocol`: httptools parses the requests, each runs
+  in its own task as `handler(request, response)`, and the connection is kept alive
+  between requests. A pipelined request waits until the response before it has ended.
+- `Response` writes straight to the transport: the head (status line and headers), then
+  the body framed for the client (chunked for HTTP/1.1, close-delimited for HTTP/1.0, or
+  as is under a Content-Length). `end()` finishes it; `abort()` closes the connection
+  without the chunked terminator, so the client sees an incomplete body.
+- Flow control and disconnects reach the handler through `Response.listener`: the
+  transport's `pause_writing`/`resume_writing`, and `client_gone` from `connection_lost`,
+  at once, so the relay can close the upstream request in the same callback.
+- Bad requests get a 400 (431 for an oversized head) and the connection is closed; they
+  never reach the handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import socket
+import traceback
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, cast
+from urllib.parse import unquote
+
+import httptools
+import structlog
+
+from streamproxy.errors import (
+    BadRequestBody,
+    BodyTooLarge,
+    ClientDisconnected,
+    RequestError,
+    json_error_body,
+)
+
+Headers = list[tuple[bytes, bytes]]
+Handler = Callable[["Request", "Response"], Awaitable[None]]
+
+log = structlog.get_logger("streamproxy.http")
+
+# Request line and headers together (nginx: 4 x 8 KiB buffers, h11: 16 KiB, Node: 16 KiB).
+MAX_HEAD = 64 * 1024
+# Idle keep-alive connections are closed after this (above an AWS ALB's 60 s, as nginx's
+# keepalive_timeout 75 s), and so is a new connection that sends no request.
+KEEP_ALIVE_TIMEOUT = 75.0
+# Pipelined requests held while the current response runs; past this, reading pauses.
+MAX_PIPELINED = 16
+# An answer (413, 404) sent before the request body was all in: the rest of the body is
+# read and dropped for up to this long, so that the client, still sending, reads the
+# answer instead of a connection reset (nginx's lingering close). Then the connection
+# goes on with its next request, or closes when the time is up.
+LINGER = 5.0
+
+STATUS_LINES: dict[int, bytes] = {
+    int(code): b"HTTP/1.1 %d %s\r\n" % (code, code.phrase.encode("ascii"))
+    for code in http.HTTPStatus
+}
+
+
+def status_line(code: int) -> bytes:
+    return STATUS_LINES.get(code) or b"HTTP/1.1 %d \r\n" % code
+
+
+class ResponseListener(Protocol):
+    """What the handler learns about its client while it answers."""
+
+    def client_gone(self) -> None: ...
+    def pause_writing(self) -> None: ...
+    def resume_writing(self) -> None: ...
+
+
+class Request:
+    """One request's head, and its body as it arrives."""
+
+    __slots__ = (
+        "_body",
+        "_body_size",
+        "_broken",
+        "_complete",
+        "_conn",
+        "_overflow",
+        "_waiter",
+        "client",
+        "expect_continue",
+        "headers",
+        "http_version",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "raw_path",
+    )
+
+    def __init__(
+        self,
+        conn: ClientConnection,
+        method: str,
+        target: bytes,
+        headers: Headers,
+        http_version: str,
+        keep_alive: bool,
+    ) -> None:
+        self._conn = conn
+        self.method = method
+        raw_path, _, self.query = target.partition(b"?")
+        self.raw_path = raw_path
+        path = raw_path.decode("latin-1")
+        self.path = unquote(path) if "%" in path else path
+        self.headers = headers
+        self.http_version = http_version
+        self.keep_alive = keep_alive
+        self.client: str | None = conn.peer
+        self.expect_continue = False
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._overflow = False  # more body than max_body: the rest is dropped
+        self._broken = False  # the parser failed inside the body
+        self._complete = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def read_body(self) -> bytes:
+        """The whole body. Raises BodyTooLarge past the server's `max_body`,
+        BadRequestBody if its framing is broken, ClientDisconnected if the client leaves
+        first. Answers `Expect: 100-continue` on the first call."""
+        conn = self._conn
+        if self.expect_continue:
+            self.expect_continue = False
+            if not self._complete and not self._body_size:
+                conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        while not (self._complete or self._overflow or self._broken):
+            if conn.gone:
+                raise ClientDisconnected
+            self._waiter = conn.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self._overflow:
+            raise BodyTooLarge(f"request body over the {conn.server.max_body}-byte limit")
+        if self._broken:
+            raise BadRequestBody("the request body is not valid HTTP/1.1 framing")
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        self._body = []
+        return body
+
+    @property
+    def body_received(self) -> bool:
+        """The whole body has gone through the parser: the connection can be reused."""
+        return self._complete and not self._broken
+
+    def _drop_body(self) -> None:
+        """The response was sent before the body arrived: read the rest, keep none of it."""
+        self._overflow = True
+        self._body = []
+
+    def _break(self) -> None:
+        self._broken = True
+        self._wake()
+
+    def _feed(self, piece: bytes) -> None:
+        self._body_size += len(piece)
+        if self._body_size > self._conn.server.max_body:
+            self._overflow = True
+            self._body = []
+        elif not self._overflow:
+            self._body.append(piece)
+        self._wake()
+
+    def _end(self) -> None:
+        self._complete = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class Framing:
+    """How a response body is delimited on the wire."""
+
+    NONE = 0  # HEAD, 1xx, 204, 304: no body at all
+    LENGTH = 1  # Content-Length: the bytes as they are
+    CHUNKED = 2  # HTTP/1.1 without a length
+    CLOSE = 3  # HTTP/1.0 without a length: the end of the connection ends the body
+
+
+class Response:
+    """Writes one response to its client. Every method is synchronous and a no-op once
+    the client is gone; `drain()` waits while the transport is above its high-water mark."""
+
+    __slots__ = (
+        "_conn",
+        "_framing",
+        "_remaining",
+        "ended",
+        "listener",
+        "paused",
+        "request",
+        "started",
+    )
+
+    def __init__(self, conn: ClientConnection, request: Request) -> None:
+        self._conn = conn
+        self.request = request
+        self.listener: ResponseListener | None = None
+        self.started = False
+        self.ended = False
+        self.paused = False  # the client is not reading fast enough
+        self._framing = Framing.NONE
+        self._remaining = 0
+
+    def start(self, status: int, headers: Headers, body: bytes = b"") -> None:
+        """Send the status line and `headers` (lower-case names, no hop-by-hop ones),
+        with the first piece of the body if there is one already."""
+        if self.started:
+            raise RuntimeError("response already started")
+        self.started = True
+        request = self.request
+        head = [status_line(status)]
+        length: int | None = None
+        for name, value in headers:
+            if name == b"content-length":
+                length = int(value)
+            head.append(b"%s: %s\r\n" % (name, value))
+        if request.method == "HEAD" or status in (204, 304) or status < 200:
+            self._framing = Framing.NONE
+        elif length is not None:
+            self._framing = Framing.LENGTH
+            self._remaining = length
+        elif request.http_version == "1.1":
+            self._framing = Framing.CHUNKED
+            head.append(b"transfer-encoding: chunked\r\n")
+        else:
+            self._framing = Framing.CLOSE
+            request.keep_alive = False
+        if not request.keep_alive or self._conn.server.draining:
+            request.keep_alive = False
+            head.append(b"connection: close\r\n")
+        head.append(b"\r\n")
+        if body:
+            head.append(self._frame(body))
+        self._conn.write(b"".join(head))
+
+    def write(self, chunk: bytes) -> None:
+        """Send one piece of the body, as it is, in the client's framing."""
+        if chunk and not self.ended and self._framing != Framing.NONE:
+            self._conn.write(self._frame(chunk))
+
+    def _frame(self, chunk: bytes) -> bytes:
+        framing = self._framing
+        if framing == Framing.CHUNKED:
+            return b"%x\r\n%s\r\n" % (len(chunk), chunk)
+        if framing == Framing.NONE:
+            return b""
+        if framing == Framing.LENGTH:
+            self._remaining -= len(chunk)
+        return chunk
+
+    def end(self) -> None:
+        """Finish the body; the connection goes on to its next request or closes."""
+        if self.ended:
+            return
+        self.ended = True
+        if self._framing == Framing.CHUNKED:
+            self._conn.write(b"0\r\n\r\n")
+        elif self._framing == Framing.LENGTH and self._remaining != 0:
+            self.request.keep_alive = False  # the client would wait for bytes that never come
+        self._conn.response_done(self)
+
+    def abort(self) -> None:
+        """End the response as a failure: close the connection (after what is already
+        written) without the chunked terminator."""
+        if self.ended:
+            return
+        self.ended = True
+        self.request.keep_alive = False
+        self._conn.response_done(self)
+
+    async def drain(self) -> None:
+        """Wait until the client has read enough for more to be written."""
+        await self._conn.drain()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: requests in, responses out, one at a time."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        # A pipelined request after one with `Connection: close` is ignored, not an error.
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self.peer: str | None = None
+        self.gone = False
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.write_paused = False
+        self.drain_waiter: asyncio.Future[None] | None = None
+        self.read_paused = False
+        self.lingering: Request | None = None  # answered, its body still arriving
+        self.linger_timer: asyncio.TimerHandle | None = None
+        # Parser state: the request being parsed, and its head so far.
+        self.url = b""
+        self.headers: Headers = []
+        self.head_size = 0
+        self.parsing: Request | None = None
+        # Requests whose head is complete: the first is being answered.
+        self.current: Response | None = None
+        self.queue: deque[Request] = deque()
+        self.no_more_requests = False  # after an Upgrade or a bad pipelined request
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCPTransport implements asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else None
+        self.server.connections.add(self)
+        self._arm_idle_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        if self.no_more_requests:
+            return
+        try:
+            self.parser.feed_data(data)
+        except HeadTooLarge:
+            self._refuse(431, "request head too large")
+        except httptools.HttpParserUpgrade:
+            # The request is complete at its head; what follows belongs to another
+            # protocol, which a reverse proxy for HTTP APIs does not speak.
+            self.no_more_requests = True
+            if self.parsing is not None:
+                self.parsing._end()
+                self.parsing = None
+        except httptools.HttpParserError as exc:
+            self._refuse(400, f"invalid HTTP request: {exc}")
+
+    def eof_received(self) -> bool | None:
+        return None  # a half-closed client is a gone client (uvicorn does the same)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        self.server.connections.discard(self)
+        self._stop_lingering()
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        if self.parsing is not None:
+            self.parsing._wake()
+        self.queue.clear()
+        self._wake_drain()
+        current = self.current
+        if current is not None and not current.ended:
+            current.request._wake()
+            if current.listener is not None:
+                current.listener.client_gone()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        current = self.current
+        if current is not None:
+            current.paused = True
+            if current.listener is not None:
+                current.listener.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake_drain()
+        current = self.current
+        if current is not None:
+            current.paused = False
+            if current.listener is not None:
+                current.listener.resume_writing()
+
+    # -- httptools callbacks ---------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value))
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        version = parser.get_http_version()
+        request = Request(
+            self,
+            parser.get_method().decode("ascii"),
+            self.url,
+            self.headers,
+            version,
+            keep_alive=version == "1.1" and parser.should_keep_alive(),
+        )
+        for name, value in self.headers:
+            if name == b"expect" and value.lower() == b"100-continue":
+                request.expect_continue = True
+        self.parsing = request
+        self.queue.append(request)
+        if self.current is None:
+            self._start_next()
+        elif len(self.queue) > MAX_PIPELINED and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        if self.parsing is not None:
+            self.parsing._feed(body)
+
+    def on_message_complete(self) -> None:
+        request = self.parsing
+        if request is not None:
+            self.parsing = None
+            request._end()
+            if request is self.lingering:
+                self._stop_lingering()
+                self._after(request)
+
+    def _count_head(self, size: int) -> None:
+        self.head_size += size
+        if self.head_size > MAX_HEAD:
+            raise HeadTooLarge
+
+    # -- requests and responses -----------------------------------------------------
+
+    def _start_next(self) -> None:
+        request = self.queue.popleft()
+        response = Response(self, request)
+        self.current = response
+        self.server.start_task(self._run(request, response))
+
+    async def _run(self, request: Request, response: Response) -> None:
+        try:
+            await self.server.handler(request, response)
+        except Exception as exc:  # a bug in the handler must not leave the client hanging
+            trace = "".join(traceback.format_exception(exc))
+            log.error("request failed", error=repr(exc), traceback=trace)
+            if not response.started and not self.gone:
+                response.start(500, [(b"content-length", b"0")])
+                response.end()
+        finally:
+            response.abort()  # a no-op after end(): a handler that did not end it failed
+
+    def response_done(self, response: Response) -> None:
+        """The response is complete (or cut): on to the next request, or close."""
+        if response is not self.current:
+            return
+        self.current = None
+        request = response.request
+        if request.keep_alive and not request.body_received and not self.gone:
+            if not request._broken and not self.server.draining:
+                request._drop_body()
+                self.lingering = request
+                self.linger_timer = self.loop.call_later(LINGER, self._linger_over)
+                return
+        self._after(request)
+
+    def _after(self, request: Request) -> None:
+        """The request and its response are both over."""
+        transport = self.transport
+        if self.gone or transport is None:
+            return
+        reusable = request.keep_alive and request.body_received and not self.no_more_requests
+        if not reusable or self.server.draining:
+            transport.close()
+            return
+        if self.read_paused:
+            self.read_paused = False
+            transport.resume_reading()
+        if self.queue:
+            self._start_next()
+        else:
+            self._arm_idle_timer()
+
+    def _linger_over(self) -> None:
+        self.linger_timer = None
+        self.lingering = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def _stop_lingering(self) -> None:
+        self.lingering = None
+        if self.linger_timer is not None:
+            self.linger_timer.cancel()
+            self.linger_timer = None
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer a request that cannot be parsed, then close (nothing after it can be
+        trusted to be where the parser thinks)."""
+        self.no_more_requests = True
+        self.queue.clear()
+        log.warning("bad request", status=status, error=message, client=self.peer)
+        current = self.current
+        if current is not None:  # a response is running: let it finish, then close
+            current.request.keep_alive = False
+            if self.parsing is current.request:  # the broken part is its own body
+                current.request._break()
+            return
+        error = RequestError(message)
+        error.status = status
+        body = json_error_body(error, anthropic=False)
+        head = (
+            b"%scontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+        )
+        self.write(head % (status_line(status), len(body)) + body)
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- writing ---------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.gone and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        while self.write_paused and not self.gone:
+            self.drain_waiter = self.loop.create_future()
+            try:
+                await self.drain_waiter
+            finally:
+                self.drain_waiter = None
+
+    def _wake_drain(self) -> None:
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_result(None)
+
+    # -- idleness and shutdown -------------------------------------------------------
+
+    def _arm_idle_timer(self) -> None:
+        self.idle_timer = self.loop.call_later(self.server.keep_alive_timeout, self.close_if_idle)
+
+    def close_if_idle(self) -> None:
+        """Close the connection unless a request is being answered (keep-alive timeout,
+        shutdown)."""
+        self.idle_timer = None
+        if self.current is None and self.lingering is None and self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class HeadTooLarge(Exception):
+    """The request line and headers exceed MAX_HEAD."""
+
+
+class ProxyServer:
+    """The listening sockets, every open connection and every request task."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_body: int,
+        keep_alive_timeout: float = KEEP_ALIVE_TIMEOUT,
+    ) -> None:
+        self.handler = handler
+        self.max_body = max_body
+        self.keep_alive_timeout = keep_alive_timeout
+        self.loop = asyncio.get_running_loop()
+        self.servers: list[asyncio.Server] = []
+        self.connections: set[ClientConnection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.draining = False
+
+    async def start(self, sockets: list[socket.socket], backlog: int = 4096) -> None:
+        for sock in sockets:
+            server = await self.loop.create_server(
+                lambda: ClientConnection(self), sock=sock, backlog=backlog
+            )
+            self.servers.append(server)
+
+    def start_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        # Started from protocol callbacks, owned here (as uvicorn's server owns its tasks):
+        # `shutdown()` cancels whatever is left.
+        task = self.loop.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def stop_accepting(self) -> None:
+        """Close the listeners (new connections are refused) and the idle connections;
+        the others close once their current response has ended."""
+        self.draining = True
+        for server in self.servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.close_if_idle()
+
+    async def shutdown(self, grace: float = 1.0) -> None:
+        """After the drain: give request tasks `grace` seconds, cancel the rest, close
+        every connection."""
+        self.stop_accepting()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=grace)
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=grace)
+        for conn in list(self.connections):
+            conn.abort()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
