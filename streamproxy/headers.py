@@ -103,7 +103,7 @@ def with_credential(headers: Headers, credential: tuple[bytes, bytes]) -> Header
 def response_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[Headers, bool]:
     """Headers to send downstream, and whether the body is SSE.
 
-    Hop-by-hop headers are dropped (uvicorn frames the body itself). A body without
+    Hop-by-hop headers are dropped (http1.py frames the body itself). A body without
     Content-Length is a stream: it gets `X-Accel-Buffering: no` so an nginx in front
     passes it through unbuffered; SSE also gets `Cache-Control: no-cache` unless the
     upstream chose a policy.

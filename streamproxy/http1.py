@@ -244,6 +244,10 @@ class Response:
         else:
             self._framing = Framing.CLOSE
             request.keep_alive = False
+        if request.expect_continue and not request.body_received:
+            # Answered without "100 Continue": the client need not send its body, so
+            # where the next request would start is unknown. Close after this answer.
+            request.keep_alive = False
         if not request.keep_alive or self._conn.server.draining:
             request.keep_alive = False
             head.append(b"connection: close\r\n")
@@ -295,6 +299,31 @@ class Response:
 class ClientConnection(asyncio.Protocol):
     """One client connection: requests in, responses out, one at a time."""
 
+    __slots__ = (
+        "current",
+        "drain_waiter",
+        "gone",
+        "head_bytes",
+        "head_size",
+        "headers",
+        "idle_timer",
+        "in_head",
+        "linger_timer",
+        "lingering",
+        "loop",
+        "no_more_requests",
+        "parser",
+        "parsing",
+        "peer",
+        "queue",
+        "raw_body_left",
+        "read_paused",
+        "server",
+        "transport",
+        "url",
+        "write_paused",
+    )
+
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
         self.loop = server.loop
@@ -311,10 +340,13 @@ class ClientConnection(asyncio.Protocol):
         self.lingering: Request | None = None  # answered, its body still arriving
         self.linger_timer: asyncio.TimerHandle | None = None
         # Parser state: the request being parsed, and its head so far.
+        self.in_head = True  # between requests and inside a head (not in a body)
         self.url = b""
         self.headers: Headers = []
-        self.head_size = 0
+        self.head_size = 0  # bytes of the head parsed so far
+        self.head_bytes = 0  # bytes received while the head was incomplete
         self.parsing: Request | None = None
+        self.raw_body_left = 0  # an Upgrade request's Content-Length body, read as is
         # Requests whose head is complete: the first is being answered.
         self.current: Response | None = None
         self.queue: deque[Request] = deque()
@@ -331,24 +363,49 @@ class ClientConnection(asyncio.Protocol):
         self._arm_idle_timer()
 
     def data_received(self, data: bytes) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
+        if self.raw_body_left:
+            self._feed_raw_body(data)
+            return
         if self.no_more_requests:
             return
         try:
             self.parser.feed_data(data)
-        except HeadTooLarge:
-            self._refuse(431, "request head too large")
-        except httptools.HttpParserUpgrade:
-            # The request is complete at its head; what follows belongs to another
-            # protocol, which a reverse proxy for HTTP APIs does not speak.
-            self.no_more_requests = True
-            if self.parsing is not None:
-                self.parsing._end()
-                self.parsing = None
+        except httptools.HttpParserUpgrade as upgrade:
+            self._after_upgrade(data[upgrade.args[0] :])
+            return
         except httptools.HttpParserError as exc:
-            self._refuse(400, f"invalid HTTP request: {exc}")
+            # An exception in a callback comes out wrapped, the original as its context.
+            bad = exc.__context__
+            if isinstance(bad, BadHead):
+                self._refuse(bad.status, bad.message)
+            else:
+                self._refuse(400, f"invalid HTTP request: {exc}")
+            return
+        if self.in_head:  # a head arriving piece by piece (or never ending): count it all
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD:
+                self._refuse(431, "request head too large")
+
+    def _after_upgrade(self, rest: bytes) -> None:
+        """llhttp ends a request that asks for an Upgrade (h2c, websocket) at its head:
+        what follows would be the other protocol. The proxy speaks none, so it serves the
+        request as plain HTTP (RFC 9110 7.8 lets a server ignore Upgrade), reads a
+        Content-Length body as the raw bytes that follow, and closes afterwards."""
+        self.no_more_requests = True
+        if self.raw_body_left:
+            self._feed_raw_body(rest)
+
+    def _feed_raw_body(self, data: bytes) -> None:
+        request = self.parsing
+        piece = data[: self.raw_body_left]
+        self.raw_body_left -= len(piece)
+        if request is None:
+            return
+        if piece:
+            request._feed(piece)
+        if not self.raw_body_left:
+            self.parsing = None
+            request._end()
 
     def eof_received(self) -> bool | None:
         return None  # a half-closed client is a gone client (uvicorn does the same)
@@ -365,10 +422,16 @@ class ClientConnection(asyncio.Protocol):
         self.queue.clear()
         self._wake_drain()
         current = self.current
+        self.current = None
         if current is not None and not current.ended:
             current.request._wake()
             if current.listener is not None:
                 current.listener.client_gone()
+        # Break the reference cycles (parser <-> protocol <-> transport), so that refcounting
+        # frees a closed connection at once, not a garbage collection later.
+        self.parser = None  # type: ignore[assignment]
+        self.transport = None
+        self.parsing = None
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -390,21 +453,28 @@ class ClientConnection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.in_head = True
         self.url = b""
         self.headers = []
-        self.head_size = 0
+        self.head_size = self.head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self._count_head(len(url))
+        self._count_head(len(url) + 16)  # with the method and the version
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value))
+        self._count_head(len(name) + len(value) + 4)  # with ": " and CRLF
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
+        if self.idle_timer is not None:  # it also bounds how long a head may take
+            self.idle_timer.cancel()
+            self.idle_timer = None
         parser = self.parser
         version = parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            raise BadHead(505, f"HTTP/{version} is not supported")
         request = Request(
             self,
             parser.get_method().decode("ascii"),
@@ -415,7 +485,10 @@ class ClientConnection(asyncio.Protocol):
         )
         for name, value in self.headers:
             if name == b"expect" and value.lower() == b"100-continue":
-                request.expect_continue = True
+                request.expect_continue = version == "1.1"  # HTTP/1.0 must ignore it
+        if parser.should_upgrade():  # see _after_upgrade
+            request.keep_alive = False
+            self.raw_body_left = _upgrade_body_length(self.headers)
         self.parsing = request
         self.queue.append(request)
         if self.current is None:
@@ -430,7 +503,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         request = self.parsing
-        if request is not None:
+        if request is not None and not self.raw_body_left:
             self.parsing = None
             request._end()
             if request is self.lingering:
@@ -440,7 +513,7 @@ class ClientConnection(asyncio.Protocol):
     def _count_head(self, size: int) -> None:
         self.head_size += size
         if self.head_size > MAX_HEAD:
-            raise HeadTooLarge
+            raise BadHead(431, "request head too large")
 
     # -- requests and responses -----------------------------------------------------
 
@@ -468,12 +541,12 @@ class ClientConnection(asyncio.Protocol):
             return
         self.current = None
         request = response.request
-        if request.keep_alive and not request.body_received and not self.gone:
-            if not request._broken and not self.server.draining:
-                request._drop_body()
-                self.lingering = request
-                self.linger_timer = self.loop.call_later(LINGER, self._linger_over)
-                return
+        still_sending = not request.body_received and not request._broken
+        if still_sending and not self.gone:
+            request._drop_body()
+            self.lingering = request
+            self.linger_timer = self.loop.call_later(LINGER, self._linger_over)
+            return
         self._after(request)
 
     def _after(self, request: Request) -> None:
@@ -548,6 +621,8 @@ class ClientConnection(asyncio.Protocol):
     # -- idleness and shutdown -------------------------------------------------------
 
     def _arm_idle_timer(self) -> None:
+        # Runs until the next request's head is complete: it closes idle keep-alive
+        # connections, and connections whose head never ends (slowloris).
         self.idle_timer = self.loop.call_later(self.server.keep_alive_timeout, self.close_if_idle)
 
     def close_if_idle(self) -> None:
@@ -562,8 +637,26 @@ class ClientConnection(asyncio.Protocol):
             self.transport.abort()
 
 
-class HeadTooLarge(Exception):
-    """The request line and headers exceed MAX_HEAD."""
+class BadHead(Exception):
+    """A request head the server refuses (raised inside a parser callback)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _upgrade_body_length(headers: Headers) -> int:
+    """The Content-Length of an Upgrade request (0 if none); a chunked one is refused."""
+    length = 0
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            raise BadHead(400, "an Upgrade request with a chunked body is not supported")
+        if name == b"content-length":
+            if not value.strip().isdigit():
+                raise BadHead(400, "invalid Content-Length")
+            length = int(value)
+    return length
 
 
 class ProxyServer:

@@ -25,10 +25,6 @@ _SECRET_PATTERNS = re.compile(
     r"|\b(sk-(?:ant-)?[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+"  # OpenAI/Anthropic key shapes
     r"|([?&](?:key|api[-_]key)=)[^&\s\"']+"  # keys in query strings (Gemini)
 )
-# uvicorn logs this when the app ends a response without its final body message. The
-# relay does that on purpose after an upstream failure (the client must see an
-# incomplete stream), and logs its own line for it.
-_EXPECTED_UVICORN_ERRORS = frozenset({"ASGI callable returned without completing response."})
 
 
 def _mask_match(match: re.Match[str]) -> str:
@@ -82,11 +78,6 @@ def _dumps(obj: Any, **_: Any) -> str:
     return orjson.dumps(obj, default=str).decode("utf-8")
 
 
-class _DropExpected(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() not in _EXPECTED_UVICORN_ERRORS
-
-
 def configure(
     level: str = "info", fmt: str = "json", stream: TextIO | None = None, cache: bool = True
 ) -> None:
@@ -126,11 +117,9 @@ def configure(
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
-    if not any(isinstance(f, _DropExpected) for f in logging.getLogger("uvicorn.error").filters):
-        logging.getLogger("uvicorn.error").addFilter(_DropExpected())
     logging.getLogger("uvicorn.access").disabled = True  # our access line replaces it
-    # uvicorn's lifecycle lines ("Started server process", twice: proxy and admin) repeat
-    # what our own listening/draining/stopped lines say; keep its warnings and errors.
+    # uvicorn's lifecycle lines ("Started server process": the admin app, the mock)
+    # repeat what our own listening/draining/stopped lines say; keep warnings and errors.
     logging.getLogger("uvicorn.error").setLevel(max(numeric, logging.WARNING))
 
 

@@ -20,6 +20,13 @@ _CR = 0x0D
 class NDJSONScanner:
     """Observe an NDJSON stream incrementally and return its complete lines."""
 
+    __slots__ = (
+        "_cap",
+        "_max",
+        "_partial",
+        "_partial_len",
+    )
+
     def __init__(self, max_line_bytes: int = 1 << 20) -> None:
         """Create a scanner that keeps at most ``max_line_bytes`` of one line."""
         self._max = max_line_bytes

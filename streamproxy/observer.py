@@ -58,6 +58,24 @@ class StreamRecord:
 class StreamObserver:
     """Per-response timings and counts. `on_gap` receives each inter-token gap as it happens."""
 
+    __slots__ = (
+        "_record",
+        "api",
+        "arrived",
+        "bytes_sent",
+        "error_seen",
+        "first_byte_at",
+        "first_token_at",
+        "kind",
+        "last_token_at",
+        "ndjson",
+        "on_gap",
+        "output_tokens",
+        "sse",
+        "terminal_seen",
+        "token_events",
+    )
+
     def __init__(
         self,
         api: Api,

@@ -206,6 +206,31 @@ class Exchange:
     RequestResponseCycle; the outcome is decided once, by `_account()`. It is also the
     response's listener (http1.ResponseListener): client gone, writing paused, resumed."""
 
+    __slots__ = (
+        "accounted",
+        "api",
+        "app",
+        "arrived",
+        "client_left",
+        "committed",
+        "error",
+        "gaps",
+        "interrupt_absorbed",
+        "interrupted",
+        "method",
+        "model",
+        "observer",
+        "path",
+        "pump",
+        "request",
+        "response",
+        "status",
+        "task",
+        "upstream_answered",
+        "upstream_name",
+        "wants_stream",
+    )
+
     def __init__(self, app: ProxyApp, request: Request, response: Response) -> None:
         self.app = app
         self.request = request
@@ -252,6 +277,12 @@ class Exchange:
         finally:
             self.app.active.discard(self)
             self._account(outcome)
+            # Break the reference cycles (response <-> listener, pump <-> its callbacks):
+            # refcounting then frees the whole exchange at once, without the cyclic GC,
+            # whose pauses grow with the garbage it has to find.
+            self.response.listener = None
+            self.pump = None
+            self.task = None
 
     async def _serve(self) -> Outcome:
         try:

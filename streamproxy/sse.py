@@ -70,6 +70,21 @@ class SSEScanner:
     in ``skip_lf`` until the next byte says whether an LF follows.
     """
 
+    __slots__ = (
+        "_bom",
+        "_data",
+        "_event",
+        "_has_data",
+        "_line_cap",
+        "_max",
+        "_partial",
+        "_partial_len",
+        "_pending",
+        "_size",
+        "_skip_lf",
+        "_truncated",
+    )
+
     def __init__(self, max_event_bytes: int = 1 << 20) -> None:
         """Create a scanner that keeps at most ``max_event_bytes`` of one event's data."""
         self._max = max_event_bytes

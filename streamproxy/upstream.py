@@ -65,6 +65,30 @@ class BodySink(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     """One TCP (or TLS) connection to the upstream, carrying one response at a time."""
 
+    __slots__ = (
+        "buffered",
+        "close_delimited",
+        "closed",
+        "error",
+        "got_bytes",
+        "head_size",
+        "headers",
+        "headers_done",
+        "idle_since",
+        "keep_alive",
+        "last_data",
+        "loop",
+        "message_done",
+        "parser",
+        "paused",
+        "pieces",
+        "silence_timer",
+        "sink",
+        "status",
+        "transport",
+        "waiter",
+    )
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
@@ -103,7 +127,12 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamProtocolError(f"invalid HTTP from upstream: {exc}"))
+            # An exception in a callback comes out wrapped, the original as its context.
+            cause = exc.__context__
+            if isinstance(cause, UpstreamProtocolError):
+                self._fail(cause)
+            else:
+                self._fail(UpstreamProtocolError(f"invalid HTTP from upstream: {exc}"))
             return
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamProtocolError("upstream switched protocols"))
@@ -119,6 +148,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.parser = None  # type: ignore[assignment]  # breaks parser <-> protocol for refcounting
         if self.message_done:
             return
         if self.headers_done and self.close_delimited and exc is None:
