@@ -304,7 +304,6 @@ class ClientConnection(asyncio.Protocol):
         "drain_waiter",
         "gone",
         "head_bytes",
-        "head_size",
         "headers",
         "idle_timer",
         "in_head",
@@ -343,7 +342,6 @@ class ClientConnection(asyncio.Protocol):
         self.in_head = True  # between requests and inside a head (not in a body)
         self.url = b""
         self.headers: Headers = []
-        self.head_size = 0  # bytes of the head parsed so far
         self.head_bytes = 0  # bytes received while the head was incomplete
         self.parsing: Request | None = None
         self.raw_body_left = 0  # an Upgrade request's Content-Length body, read as is
@@ -456,14 +454,12 @@ class ClientConnection(asyncio.Protocol):
         self.in_head = True
         self.url = b""
         self.headers = []
-        self.head_size = self.head_bytes = 0
+        self.head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self._count_head(len(url) + 16)  # with the method and the version
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4)  # with ": " and CRLF
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
@@ -471,6 +467,11 @@ class ClientConnection(asyncio.Protocol):
         if self.idle_timer is not None:  # it also bounds how long a head may take
             self.idle_timer.cancel()
             self.idle_timer = None
+        # A head that arrived whole in one read is measured here; one that arrives in
+        # pieces, or never ends, is counted as it comes (data_received).
+        size = len(self.url) + 16 + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > MAX_HEAD:
+            raise BadHead(431, "request head too large")
         parser = self.parser
         version = parser.get_http_version()
         if version not in ("1.0", "1.1"):
@@ -509,11 +510,6 @@ class ClientConnection(asyncio.Protocol):
             if request is self.lingering:
                 self._stop_lingering()
                 self._after(request)
-
-    def _count_head(self, size: int) -> None:
-        self.head_size += size
-        if self.head_size > MAX_HEAD:
-            raise BadHead(431, "request head too large")
 
     # -- requests and responses -----------------------------------------------------
 

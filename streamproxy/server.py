@@ -170,15 +170,17 @@ def _tune_gc() -> None:
     """Keep the cyclic GC off the stream path.
 
     Everything made at start-up (modules, config, the apps) lives as long as the process:
-    `gc.freeze()` moves it out of every collection. A relayed event allocates a few
-    short-lived objects (a future, a message dict) that reference counting frees, so the
-    youngest generation can be collected less often than CPython's default of every
-    700 allocations without holding more memory for long. Not too rarely either: a burst
-    of new streams leaves thousands of live objects behind, and one young collection
-    pauses every stream for as long as it takes to walk them (20,000: up to 5 ms,
-    measured with gc.callbacks while 200 streams opened; 5,000: under 2 ms)."""
+    `gc.freeze()` moves it out of every collection. A finished stream leaves no reference
+    cycles behind (relay.py and http1.py break theirs; tests/e2e/test_gc.py checks), so
+    reference counting frees it whole, and the count that triggers a young collection
+    (tracked allocations minus deallocations) grows only with the streams that are open.
+    A young collection walks every object made since the last one that is still alive,
+    pausing every stream meanwhile: at CPython's default threshold of 700 a burst of new
+    streams triggered several of 1-8 ms each (measured with gc.callbacks while 200 streams
+    opened). At 50,000 only a thousand-odd streams opening together, or garbage from
+    failed requests piling up, trigger one."""
     gc.freeze()
-    gc.set_threshold(5_000, 20, 20)
+    gc.set_threshold(50_000, 20, 20)
 
 
 async def _drain(proxy: ProxyServer, app: Any, seconds: float) -> None:

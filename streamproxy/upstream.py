@@ -46,7 +46,12 @@ from streamproxy.errors import (
 Headers = list[tuple[bytes, bytes]]
 
 MAX_IDLE = 256  # idle keep-alive connections kept per upstream
-IDLE_EXPIRY = 15.0  # seconds an idle connection is trusted; servers close theirs at 5-75 s
+# Seconds an idle connection is kept for reuse (nginx's upstream keepalive_timeout is
+# 60 s, Go's net/http 90 s): a new connection to an https API costs a TLS handshake.
+# Servers close idle connections sooner (uvicorn after 5 s): the pool notices the close
+# (the connection is read while idle), and a request on a connection closed under it
+# before any byte of answer is sent again on a new one (`request`).
+IDLE_EXPIRY = 60.0
 MAX_HEAD = 64 * 1024  # response head limit (h11 allows 16 KiB, nginx 4-8 KiB per buffer)
 # Body bytes held unread before the socket stops being read (asyncio's StreamReader
 # pauses at 2 x 64 KiB). Pausing per piece instead would cost two epoll_ctl calls per event.

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from streamproxy.config import MetricsConfig
-from streamproxy.metrics import GAP_FLUSH_SECONDS, GapRecorder, Metrics, ModelLabels
+from streamproxy.metrics import GAP_FLUSH_SECONDS, GapRecorder, Metrics, ModelLabels, observe
 from streamproxy.observer import StreamRecord
 
 # The contract's table (shared/contract.md), copied on purpose: a rename here is a
@@ -293,6 +293,18 @@ def test_gap_recorder_matches_observe_exactly():
     recorder.flush()
     recorder.flush()  # a second flush adds nothing
     assert _itl_samples(batched_registry) == _itl_samples(direct_registry)
+
+
+def test_observe_matches_histogram_observe_exactly():
+    """The bisect `observe` fills the same buckets (bounds included), count and sum as
+    prometheus_client's own `Histogram.observe`."""
+    direct_registry, fast_registry = CollectorRegistry(), CollectorRegistry()
+    direct = Metrics(direct_registry, MetricsConfig())
+    fast = Metrics(fast_registry, MetricsConfig())
+    for gap in GAPS:
+        direct.child("itl", "up", "m").observe(gap)
+        observe(fast.child("itl", "up", "m"), gap)
+    assert _itl_samples(fast_registry) == _itl_samples(direct_registry)
 
 
 def test_gap_recorder_flushes_a_running_stream_every_second():
