@@ -3,10 +3,12 @@ and (when installed, as in CI) nginx. Its numbers are not checked: CI machines v
 
 The scale phase runs where a cpu cgroup can be made (root, a writable cgroup fs) and is
 skipped with a note elsewhere; both ways are checked, the second also by pointing the
-runner at a folder without a cpu controller."""
+runner at a folder without a cpu controller. Where it runs, each worker process must have
+had a cgroup (and quota) of its own."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -118,12 +120,15 @@ def _assert_scale_skipped(folder: Path) -> None:
 
 
 def test_scale_phase_measured_or_skipped_with_a_note(quick_run):
-    """Where a cpu cgroup can be made, streamproxy (and nginx) ran with 1 and 2 workers
-    under a quota of workers x Q, the quota's use is recorded and the cgroups are gone;
-    elsewhere the phase says why it was skipped and the run still succeeds."""
+    """Where a cpu cgroup can be made, streamproxy (and nginx) ran with 1 and 2 workers,
+    each worker process in a cgroup of its own with a quota of Q cores (the default rule
+    for this machine), every quota held, the use of each is recorded and the cgroups are
+    gone; elsewhere the phase says why it was skipped and the run still succeeds."""
     folder, targets = quick_run
     results = _results(folder)
     scale = results["scaling"]
+    q = scale["quota_per_worker_cores"]
+    assert q == pytest.approx(min(0.5, (os.cpu_count() or 1) / 8))
     if scale["skipped"]:
         _assert_scale_skipped(folder)
         return
@@ -133,16 +138,44 @@ def test_scale_phase_measured_or_skipped_with_a_note(quick_run):
     ]
     markdown = (folder / "results.md").read_text()
     for row in scale["rows"]:
+        workers = row["workers"]
         assert row["events_per_s"] > 0, row
         assert row["errors"] == 0, row
         assert row["byte_exact"], row
-        assert row["quota_cores"] == pytest.approx(row["workers"] * scale["quota_per_worker_cores"])
-        assert row["periods"] > 0, row
-        assert row["held"], row  # the kernel enforces the quota: CPU <= quota x wall time
-        assert not Path(row["cgroup"]).exists(), row["cgroup"]
-        assert f"| {row['target']} | {row['workers']} |" in markdown
+        assert row["quota_per_worker_cores"] == pytest.approx(q)
+        assert row["quota_cores"] == pytest.approx(workers * q)
+        assert len(row["worker_cores_used"]) == workers, row
+        assert all(periods > 0 for periods in row["worker_periods"]), row
+        assert row["held"], row  # the kernel enforces each quota: CPU <= quota x wall time
+        # one cgroup per worker, plus the parent's when the worker is not the main process
+        one_process = row["target"] == "streamproxy"
+        assert len(set(row["cgroups"])) == workers + (0 if one_process else 1), row
+        for cgroup in row["cgroups"]:
+            assert not Path(cgroup).exists(), cgroup
+        assert f"| {row['target']} | {workers} |" in markdown
+    for m in results["measurements"]:
+        if m["phase"] == "scale":
+            pids = [pid for used in m["quota"]["workers"] for pid in used["pids"]]
+            assert len(set(pids)) == m["workers"], m["quota"]["workers"]
     assert scale["w2_x_w1"]["streamproxy"] is not None
     assert _workers_check(results)["verdict"] in ("PASS", "FAIL", "n/a")
+
+
+def test_default_scale_quota_follows_the_cores(monkeypatch):
+    """Q defaults to min(0.5, cores / 8): 2 workers at 2Q leave the load generator and the
+    upstream the rest of a small machine."""
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    assert spec is not None
+    assert spec.loader is not None
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # run.py imports loadgen
+    run = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, run)  # dataclasses look it up
+    spec.loader.exec_module(run)
+    for cores, quota in ((1, 0.125), (2, 0.25), (4, 0.5), (64, 0.5)):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert run.default_scale_quota() == quota
+        assert run.parse_args([]).scale_quota == quota
+    assert run.parse_args(["--scale-quota", "0.3"]).scale_quota == 0.3
 
 
 def test_scale_phase_skips_without_a_cpu_cgroup(tmp_path):
