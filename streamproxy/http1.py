@@ -186,13 +186,11 @@ class Request:
             self._waiter.set_result(None)
 
 
-class Framing:
-    """How a response body is delimited on the wire."""
-
-    NONE = 0  # HEAD, 1xx, 204, 304: no body at all
-    LENGTH = 1  # Content-Length: the bytes as they are
-    CHUNKED = 2  # HTTP/1.1 without a length
-    CLOSE = 3  # HTTP/1.0 without a length: the end of the connection ends the body
+# How a response body is delimited on the wire.
+NO_BODY = 0  # HEAD, 1xx, 204, 304
+LENGTH = 1  # Content-Length: the bytes as they are
+CHUNKED = 2  # HTTP/1.1 without a length
+CLOSE = 3  # HTTP/1.0 without a length: the end of the connection ends the body
 
 
 class Response:
@@ -217,7 +215,7 @@ class Response:
         self.started = False
         self.ended = False
         self.paused = False  # the client is not reading fast enough
-        self._framing = Framing.NONE
+        self._framing = NO_BODY
         self._remaining = 0
 
     def start(self, status: int, headers: Headers, body: bytes = b"") -> None:
@@ -234,15 +232,15 @@ class Response:
                 length = int(value)
             head.append(b"%s: %s\r\n" % (name, value))
         if request.method == "HEAD" or status in (204, 304) or status < 200:
-            self._framing = Framing.NONE
+            self._framing = NO_BODY
         elif length is not None:
-            self._framing = Framing.LENGTH
+            self._framing = LENGTH
             self._remaining = length
         elif request.http_version == "1.1":
-            self._framing = Framing.CHUNKED
+            self._framing = CHUNKED
             head.append(b"transfer-encoding: chunked\r\n")
         else:
-            self._framing = Framing.CLOSE
+            self._framing = CLOSE
             request.keep_alive = False
         if request.expect_continue and not request.body_received:
             # Answered without "100 Continue": the client need not send its body, so
@@ -258,17 +256,15 @@ class Response:
 
     def write(self, chunk: bytes) -> None:
         """Send one piece of the body, as it is, in the client's framing."""
-        if chunk and not self.ended and self._framing != Framing.NONE:
+        if chunk and not self.ended and self._framing != NO_BODY:
             self._conn.write(self._frame(chunk))
 
     def _frame(self, chunk: bytes) -> bytes:
-        framing = self._framing
-        if framing == Framing.CHUNKED:
+        if self._framing == CHUNKED:  # the common case first: this runs per event
             return b"%x\r\n%s\r\n" % (len(chunk), chunk)
-        if framing == Framing.NONE:
+        if self._framing == NO_BODY:
             return b""
-        if framing == Framing.LENGTH:
-            self._remaining -= len(chunk)
+        self._remaining -= len(chunk)  # counted under LENGTH, harmless under CLOSE
         return chunk
 
     def end(self) -> None:
@@ -276,9 +272,9 @@ class Response:
         if self.ended:
             return
         self.ended = True
-        if self._framing == Framing.CHUNKED:
+        if self._framing == CHUNKED:
             self._conn.write(b"0\r\n\r\n")
-        elif self._framing == Framing.LENGTH and self._remaining != 0:
+        elif self._framing == LENGTH and self._remaining != 0:
             self.request.keep_alive = False  # the client would wait for bytes that never come
         self._conn.response_done(self)
 
@@ -298,6 +294,11 @@ class Response:
 
 class ClientConnection(asyncio.Protocol):
     """One client connection: requests in, responses out, one at a time."""
+
+    # httptools looks every callback up with getattr(); one that is missing costs an
+    # AttributeError per connection. These it may skip:
+    on_chunk_header = None
+    on_chunk_complete = None
 
     __slots__ = (
         "current",
@@ -599,8 +600,9 @@ class ClientConnection(asyncio.Protocol):
     # -- writing ---------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if not self.gone and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        transport = self.transport  # None once the connection is lost
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
 
     async def drain(self) -> None:
         while self.write_paused and not self.gone:

@@ -186,13 +186,15 @@ class GapRecorder:
         self._sum = 0.0
         self._flush_at = (time.monotonic() if now is None else now) + GAP_FLUSH_SECONDS
 
-    def __call__(self, gap: float, now: float) -> None:
+    def add(self, gap: float, now: float) -> None:
         # bisect_left: the first bucket whose upper bound is >= gap, as `observe` picks
         self._counts[bisect_left(self._bounds, gap)] += 1
         self._sum += gap
         if now >= self._flush_at:
             self.flush()
             self._flush_at = now + GAP_FLUSH_SECONDS
+
+    __call__ = add  # the observer calls `add` (a plain method call is cheaper than __call__)
 
     def flush(self) -> None:
         if not self._sum and not any(self._counts):

@@ -403,7 +403,7 @@ class Exchange:
         try:
             headers, is_sse = hdrs.response_headers(upstream.headers)
             kind = body_kind(hdrs.get(headers, b"content-type"))
-            self.observer = StreamObserver(self.api, kind, self.arrived, self._gap_recorder())
+            self.observer = StreamObserver(self.api, kind, self.arrived, self._gap_recorder().add)
             identity = hdrs.get(headers, b"content-encoding") in (None, b"identity")
             self.status = upstream.status
             if self.committed and self.status >= 400:
@@ -443,6 +443,8 @@ class Exchange:
         self.pump = pump
         try:
             upstream.attach(pump)  # the body may already be complete: then `done` is too
+            if self.response.paused:  # the client fell behind before the pump existed
+                pump.pause_writing()
             if keepalive and not pump.done.done():
                 pump.start_keepalive()
             ended = await pump.done

@@ -63,6 +63,9 @@ class SSEEvent(NamedTuple):
     """The data exceeded ``max_event_bytes`` and was dropped."""
 
 
+_new_event = tuple.__new__
+
+
 class SSEScanner:
     """Observe a text/event-stream incrementally. Never holds bytes back from anyone.
 
@@ -123,16 +126,19 @@ class SSEScanner:
             and chunk[:6] == b"data: "
             and self._bom < 0
             and not (self._partial_len or self._pending or self._skip_lf)
-            and b"\r" not in chunk
+            and _CR not in chunk  # an int: `bytes in bytes` costs twice as much (3.11)
             and len(chunk) <= self._max
         ):
-            # Fast paths for the common chunks: whole single-line data events.
+            # Fast paths for the common chunks: whole single-line data events. The events
+            # are made with tuple.__new__: NamedTuple's own __new__ is a Python function.
             newlines = chunk.count(b"\n")
             if newlines == 2:
-                return [SSEEvent(None, chunk[6:-2], False)]
+                return [_new_event(SSEEvent, (None, chunk[6:-2], False))]
             # k events: every LF is in one of the k-1 separators or the final blank line
             if newlines == 2 * chunk.count(b"\n\ndata: ") + 2:
-                return [SSEEvent(None, e[6:], False) for e in chunk[:-2].split(b"\n\n")]
+                return [
+                    _new_event(SSEEvent, (None, e[6:], False)) for e in chunk[:-2].split(b"\n\n")
+                ]
         if self._bom >= 0:
             chunk = self._skip_bom(chunk)
         if self._skip_lf and chunk:

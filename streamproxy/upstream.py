@@ -70,6 +70,13 @@ class BodySink(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     """One TCP (or TLS) connection to the upstream, carrying one response at a time."""
 
+    # httptools looks every callback up with getattr(); one that is missing costs an
+    # AttributeError per connection. These it may skip:
+    on_message_begin = None
+    on_status = None
+    on_chunk_header = None
+    on_chunk_complete = None
+
     __slots__ = (
         "buffered",
         "close_delimited",
