@@ -56,6 +56,15 @@ MAX_HEAD = 64 * 1024  # response head limit (h11 allows 16 KiB, nginx 4-8 KiB pe
 # Body bytes held unread before the socket stops being read (asyncio's StreamReader
 # pauses at 2 x 64 KiB). Pausing per piece instead would cost two epoll_ctl calls per event.
 HIGH_WATER = 64 * 1024
+# Bytes taken from the socket per loop turn and connection. uvloop reads 256 KiB at a
+# time, and libuv reads again, up to 32 times, while each read fills the buffer: under a
+# flood one callback could relay and observe megabytes, tens of thousands of events, a
+# loop turn over dozens of such streams took hundreds of ms, and a new stream, whose
+# request needs a few turns, waited seconds (measured: of 100 streams opened into a
+# flood, half got no first byte within 5 s; nginx reads 8 KiB per event and served all
+# within 0.9 s). So reads land in a 32 KiB buffer and a full one yields the loop (see
+# `buffer_updated`); a stream at 50 events/s never fills it.
+READ_SIZE = 32 * 1024
 
 
 class BodySink(Protocol):
@@ -67,7 +76,7 @@ class BodySink(Protocol):
     def on_error(self, error: UpstreamError) -> None: ...
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(asyncio.BufferedProtocol):
     """One TCP (or TLS) connection to the upstream, carrying one response at a time."""
 
     # httptools looks every callback up with getattr(); one that is missing costs an
@@ -78,6 +87,7 @@ class UpstreamConnection(asyncio.Protocol):
     on_chunk_complete = None
 
     __slots__ = (
+        "buffer",
         "buffered",
         "close_delimited",
         "closed",
@@ -99,9 +109,12 @@ class UpstreamConnection(asyncio.Protocol):
         "status",
         "transport",
         "waiter",
+        "yielded",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, buffer: memoryview) -> None:
+        self.buffer = buffer  # the pool's: reads land here one at a time (get_buffer)
+        self.yielded = False  # reading paused for the rest of this loop turn (not per response)
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -133,7 +146,27 @@ class UpstreamConnection(asyncio.Protocol):
         # uvloop's TCPTransport implements asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # httptools copies what it hands on (body pieces are new bytes objects), so the
+        # buffer is free again when this returns.
+        self.data_received(self.buffer[:nbytes])
+        if nbytes == READ_SIZE and not self.paused and not self.closed and self.transport:
+            # More is waiting: stop here for this loop turn (libuv would read again at
+            # once), so that every other connection gets its turn, then read on.
+            self.yielded = True
+            self.transport.pause_reading()
+            self.loop.call_soon(self._read_on)
+
+    def _read_on(self) -> None:
+        if self.yielded:
+            self.yielded = False
+            if not self.paused and not self.closed and self.transport is not None:
+                self.transport.resume_reading()
+
+    def data_received(self, data: bytes | memoryview) -> None:
         self.got_bytes = True
         self.last_data = self.loop.time()
         try:
@@ -388,6 +421,10 @@ class UpstreamPool:
         self.read_timeout = upstream.read_timeout
         self.idle: list[UpstreamConnection] = []  # oldest first; reuse takes the newest
         self.sweeper: asyncio.TimerHandle | None = None
+        # One read buffer for all of this pool's connections: the loop reads one socket
+        # at a time and `buffer_updated` is done with it before the next read, so 1,000
+        # open streams hold 32 KiB, not 32 MiB. (A pool belongs to one event loop.)
+        self.read_buffer = memoryview(bytearray(READ_SIZE))
 
     async def request(
         self, method: str, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes
@@ -439,7 +476,7 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(loop),
+                    lambda: UpstreamConnection(loop, self.read_buffer),
                     self.host,
                     self.port,
                     ssl=self.ssl,
