@@ -64,12 +64,10 @@ _PLAIN = (int, float, type(None))  # bool is an int
 _KEY_IS_SECRET: dict[str, bool] = {}  # the verdict per key name, remembered (bounded below)
 
 
-def _is_secret_key(key: str) -> bool:
-    verdict = _KEY_IS_SECRET.get(key)
-    if verdict is None:
-        verdict = key.lower() in REDACTED
-        if len(_KEY_IS_SECRET) < 4096:  # log keys are names from code, a bounded set
-            _KEY_IS_SECRET[key] = verdict
+def _learn_key(key: str) -> bool:
+    verdict = key.lower() in REDACTED
+    if len(_KEY_IS_SECRET) < 4096:  # log keys are names from code, a bounded set
+        _KEY_IS_SECRET[key] = verdict
     return verdict
 
 
@@ -77,14 +75,18 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
     """structlog processor: mask sensitive keys and secret-shaped substrings.
     It runs for every line, so the common cases are inlined: a key seen before is one
     dict lookup, a string one lower() and three substring tests, a number nothing."""
+    verdicts = _KEY_IS_SECRET
     for key, value in event_dict.items():
-        if _is_secret_key(key):
+        secret = verdicts.get(key)
+        if secret is None:
+            secret = _learn_key(key)
+        if secret:
             event_dict[key] = MASK
         elif type(value) is str:
             lowered = value.lower()
             if "bearer" in lowered or "sk-" in lowered or "key=" in lowered:
                 event_dict[key] = _SECRET_PATTERNS.sub(_mask_match, value)
-        elif not isinstance(value, _PLAIN):
+        elif value is not None and not isinstance(value, _PLAIN):
             event_dict[key] = _redact_value(value)
     return event_dict
 
