@@ -305,6 +305,7 @@ class ClientConnection(asyncio.Protocol):
         "drain_waiter",
         "gone",
         "head_bytes",
+        "head_size",
         "headers",
         "idle_timer",
         "in_head",
@@ -343,6 +344,7 @@ class ClientConnection(asyncio.Protocol):
         self.in_head = True  # between requests and inside a head (not in a body)
         self.url = b""
         self.headers: Headers = []
+        self.head_size = 0  # bytes of the head parsed so far
         self.head_bytes = 0  # bytes received while the head was incomplete
         self.parsing: Request | None = None
         self.raw_body_left = 0  # an Upgrade request's Content-Length body, read as is
@@ -455,12 +457,13 @@ class ClientConnection(asyncio.Protocol):
         self.in_head = True
         self.url = b""
         self.headers = []
-        self.head_bytes = 0
+        self.head_size = self.head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value) + 4  # with ": " and CRLF
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
@@ -470,8 +473,7 @@ class ClientConnection(asyncio.Protocol):
             self.idle_timer = None
         # A head that arrived whole in one read is measured here; one that arrives in
         # pieces, or never ends, is counted as it comes (data_received).
-        size = len(self.url) + 16 + sum(len(name) + len(value) + 4 for name, value in self.headers)
-        if size > MAX_HEAD:
+        if self.head_size + len(self.url) + 16 > MAX_HEAD:  # + method and version
             raise BadHead(431, "request head too large")
         parser = self.parser
         version = parser.get_http_version()
