@@ -201,10 +201,10 @@ async def _drain(proxy: ProxyServer, app: Any, seconds: float) -> None:
 
 
 def run_event_loop(main: Any) -> None:
-    """Run a coroutine on uvloop when installed (it is, with uvicorn[standard])."""
+    """Run a coroutine on uvloop when installed (a dependency, but for Windows)."""
     try:
         import uvloop
-    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
         asyncio.run(main)
         return
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
