@@ -255,9 +255,16 @@ class Response:
         self._conn.write(b"".join(head))
 
     def write(self, chunk: bytes) -> None:
-        """Send one piece of the body, as it is, in the client's framing."""
-        if chunk and not self.ended and self._framing != NO_BODY:
-            self._conn.write(self._frame(chunk))
+        """Send one piece of the body, as it is, in the client's framing. (Runs per
+        event: framing and the transport write are inlined.)"""
+        transport = self._conn.transport  # None once the connection is lost
+        if not chunk or self.ended or transport is None or transport.is_closing():
+            return
+        if self._framing == CHUNKED:
+            transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        elif self._framing != NO_BODY:
+            self._remaining -= len(chunk)
+            transport.write(chunk)
 
     def _frame(self, chunk: bytes) -> bytes:
         if self._framing == CHUNKED:  # the common case first: this runs per event

@@ -131,11 +131,10 @@ class SSEScanner:
         ):
             # Fast paths for the common chunks: whole single-line data events. The events
             # are made with tuple.__new__: NamedTuple's own __new__ is a Python function.
-            newlines = chunk.count(b"\n")
-            if newlines == 2:
+            if chunk.find(b"\n") == len(chunk) - 2:  # one event (find is a memchr)
                 return [_new_event(SSEEvent, (None, chunk[6:-2], False))]
             # k events: every LF is in one of the k-1 separators or the final blank line
-            if newlines == 2 * chunk.count(b"\n\ndata: ") + 2:
+            if chunk.count(b"\n") == 2 * chunk.count(b"\n\ndata: ") + 2:
                 return [
                     _new_event(SSEEvent, (None, e[6:], False)) for e in chunk[:-2].split(b"\n\n")
                 ]

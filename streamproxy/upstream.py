@@ -6,12 +6,12 @@ every body read went through five async generator layers, an anyio cancel scope 
 h11's pure-Python chunked parser: ~200 µs of CPU per relayed event against nginx's ~12.
 This client keeps the same promises with one C parser and no layers:
 
-- `UpstreamConnection` is an `asyncio.Protocol`. `data_received` feeds llhttp. Until
-  the response head is complete, a task waits for it (`UpstreamPool.request`). The body
-  then goes to a `BodySink` (the relay's pump) from inside `data_received`, one call per
-  network read, without a task or a future per chunk; `read()` pulls a body instead
-  (small error bodies). Unread pieces pause the socket once 64 KiB wait: backpressure
-  reaches the upstream's TCP window.
+- `UpstreamConnection` is an `asyncio.BufferedProtocol`: each read lands in the pool's
+  buffer and `buffer_updated` feeds llhttp. Until the response head is complete, a task
+  waits for it (`UpstreamPool.request`). The body then goes to a `BodySink` (the relay's
+  pump) from inside that callback, one call per network read, without a task or a
+  future per chunk; `read()` pulls a body instead (small error bodies). Unread pieces
+  pause the socket once 64 KiB wait: backpressure reaches the upstream's TCP window.
 - Bodies are never decoded: the sink gets the bytes of the HTTP message body exactly
   (chunked framing removed, Content-Encoding untouched).
 - Silence is measured by one timer per response, re-armed lazily: the hot path only
@@ -150,27 +150,13 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         return self.buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        # httptools copies what it hands on (body pieces are new bytes objects), so the
-        # buffer is free again when this returns.
-        self.data_received(self.buffer[:nbytes])
-        if nbytes == READ_SIZE and not self.paused and not self.closed and self.transport:
-            # More is waiting: stop here for this loop turn (libuv would read again at
-            # once), so that every other connection gets its turn, then read on.
-            self.yielded = True
-            self.transport.pause_reading()
-            self.loop.call_soon(self._read_on)
-
-    def _read_on(self) -> None:
-        if self.yielded:
-            self.yielded = False
-            if not self.paused and not self.closed and self.transport is not None:
-                self.transport.resume_reading()
-
-    def data_received(self, data: bytes | memoryview) -> None:
+        """A read landed in the buffer: parse it, hand the body on (or wake the waiter)."""
         self.got_bytes = True
         self.last_data = self.loop.time()
         try:
-            self.parser.feed_data(data)
+            # httptools copies what it hands on (body pieces are new bytes objects), so
+            # the shared buffer is free again when this returns.
+            self.parser.feed_data(self.buffer[:nbytes])
         except httptools.HttpParserError as exc:
             # An exception in a callback comes out wrapped, the original as its context.
             cause = exc.__context__
@@ -184,12 +170,24 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             return
         if self.sink is not None:
             self.deliver()
-            return
-        if self.pieces or self.message_done or self.headers_done:
-            self._wake()
-        if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
-            self.paused = True
+        else:
+            if self.pieces or self.message_done or self.headers_done:
+                self._wake()
+            if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
+                self.paused = True
+                self.transport.pause_reading()
+        if nbytes == READ_SIZE and not self.paused and not self.closed and self.transport:
+            # More is waiting: stop here for this loop turn (libuv would read again at
+            # once), so that every other connection gets its turn, then read on.
+            self.yielded = True
             self.transport.pause_reading()
+            self.loop.call_soon(self._read_on)
+
+    def _read_on(self) -> None:
+        if self.yielded:
+            self.yielded = False
+            if not self.paused and not self.closed and self.transport is not None:
+                self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
