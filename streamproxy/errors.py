@@ -7,6 +7,7 @@ The tree, in the spirit of httpx's `_exceptions.py`::
     │   ├── BadTarget               400: not an origin-form path, or CONNECT
     │   ├── NoRoute                 404: no upstream's path_prefix matches
     │   ├── BadRequestBody          400: the request body's chunked framing is broken
+    │   ├── BodyTimeout             408: the request body stopped arriving
     │   └── BodyTooLarge            413: request body over limits.max_request_body
     ├── ClientDisconnected          the client went away (no response possible)
     └── UpstreamError               the upstream failed; `reason` is the metric label
@@ -69,6 +70,13 @@ class BadRequestBody(RequestError):
     """The request body could not be parsed (broken chunked framing)."""
 
     status = 400
+
+
+class BodyTimeout(RequestError):
+    """The request body stopped arriving (http1.BODY_TIMEOUT)."""
+
+    status = 408
+    error_type = "request_timeout"
 
 
 class BodyTooLarge(RequestError):

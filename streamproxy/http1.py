@@ -5,7 +5,7 @@ accepting a connection and moving body chunks, and on the benchmark's 2-core mac
 uvicorn with a trivial ASGI app spent 0.57 ms of CPU per new connection and stream (an
 asyncio Protocol with httptools: 0.28 ms), and every body chunk of the relay went through
 an ASGI message dict, a coroutine `send()` and a wake-up of the relay's task. Here the
-relay writes each chunk from inside the upstream connection's `data_received`.
+relay writes each chunk from inside the upstream connection's read callback.
 
 - `ClientConnection` is an `asyncio.Protocol`: httptools parses the requests, each runs
   in its own task as `handler(request, response)`, and the connection is kept alive
@@ -38,6 +38,7 @@ import structlog
 
 from streamproxy.errors import (
     BadRequestBody,
+    BodyTimeout,
     BodyTooLarge,
     ClientDisconnected,
     RequestError,
@@ -54,8 +55,11 @@ MAX_HEAD = 64 * 1024
 # Idle keep-alive connections are closed after this (above an AWS ALB's 60 s, as nginx's
 # keepalive_timeout 75 s), and so is a new connection that sends no request.
 KEEP_ALIVE_TIMEOUT = 75.0
-# Pipelined requests held while the current response runs; past this, reading pauses.
-MAX_PIPELINED = 16
+# A request body that stops arriving for this long gets 408 (nginx's client_body_timeout
+# is 60 s), and a client that reads nothing of its response for this long is cut off
+# (nginx's send_timeout, 60 s): neither holds a connection, and an upstream one, forever.
+BODY_TIMEOUT = 75.0
+SEND_TIMEOUT = 75.0
 # An answer (413, 404) sent before the request body was all in: the rest of the body is
 # read and dropped for up to this long, so that the client, still sending, reads the
 # answer instead of a connection reset (nginx's lingering close). Then the connection
@@ -143,9 +147,13 @@ class Request:
                 raise ClientDisconnected
             self._waiter = conn.loop.create_future()
             try:
-                await self._waiter
+                await asyncio.wait_for(self._waiter, BODY_TIMEOUT)
+            except TimeoutError:
+                raise BodyTimeout(f"no request body byte for {BODY_TIMEOUT:g} s") from None
             finally:
                 self._waiter = None
+        if conn.gone:
+            raise ClientDisconnected
         if self._overflow:
             raise BodyTooLarge(f"request body over the {conn.server.max_body}-byte limit")
         if self._broken:
@@ -195,7 +203,7 @@ CLOSE = 3  # HTTP/1.0 without a length: the end of the connection ends the body
 
 class Response:
     """Writes one response to its client. Every method is synchronous and a no-op once
-    the client is gone; `drain()` waits while the transport is above its high-water mark."""
+    the client is gone."""
 
     __slots__ = (
         "_conn",
@@ -214,7 +222,9 @@ class Response:
         self.listener: ResponseListener | None = None
         self.started = False
         self.ended = False
-        self.paused = False  # the client is not reading fast enough
+        # The client is not reading fast enough. Pause and resume are edges: a response
+        # that follows one the client fell behind on starts paused.
+        self.paused = conn.write_paused
         self._framing = NO_BODY
         self._remaining = 0
 
@@ -223,7 +233,6 @@ class Response:
         with the first piece of the body if there is one already."""
         if self.started:
             raise RuntimeError("response already started")
-        self.started = True
         request = self.request
         head = [status_line(status)]
         length: int | None = None
@@ -252,6 +261,7 @@ class Response:
         head.append(b"\r\n")
         if body:
             head.append(self._frame(body))
+        self.started = True
         self._conn.write(b"".join(head))
 
     def write(self, chunk: bytes) -> None:
@@ -287,16 +297,13 @@ class Response:
 
     def abort(self) -> None:
         """End the response as a failure: close the connection (after what is already
-        written) without the chunked terminator."""
+        written) without the chunked terminator. (An HTTP/1.0 client's close-delimited
+        body has no terminator to withhold: there only the error event tells.)"""
         if self.ended:
             return
         self.ended = True
         self.request.keep_alive = False
         self._conn.response_done(self)
-
-    async def drain(self) -> None:
-        """Wait until the client has read enough for more to be written."""
-        await self._conn.drain()
 
 
 class ClientConnection(asyncio.Protocol):
@@ -308,8 +315,8 @@ class ClientConnection(asyncio.Protocol):
     on_chunk_complete = None
 
     __slots__ = (
+        "began",
         "current",
-        "drain_waiter",
         "gone",
         "head_bytes",
         "head_size",
@@ -326,6 +333,7 @@ class ClientConnection(asyncio.Protocol):
         "queue",
         "raw_body_left",
         "read_paused",
+        "send_timer",
         "server",
         "transport",
         "url",
@@ -343,12 +351,13 @@ class ClientConnection(asyncio.Protocol):
         self.gone = False
         self.idle_timer: asyncio.TimerHandle | None = None
         self.write_paused = False
-        self.drain_waiter: asyncio.Future[None] | None = None
         self.read_paused = False
+        self.send_timer: asyncio.TimerHandle | None = None  # runs while the client reads nothing
         self.lingering: Request | None = None  # answered, its body still arriving
         self.linger_timer: asyncio.TimerHandle | None = None
         # Parser state: the request being parsed, and its head so far.
-        self.in_head = True  # between requests and inside a head (not in a body)
+        self.in_head = True  # inside a request head, or before the first one
+        self.began = False  # a request head began in the read being parsed
         self.url = b""
         self.headers: Headers = []
         self.head_size = 0  # bytes of the head parsed so far
@@ -376,6 +385,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.no_more_requests:
             return
+        self.began = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -389,7 +399,10 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self._refuse(400, f"invalid HTTP request: {exc}")
             return
-        if self.in_head:  # a head arriving piece by piece (or never ending): count it all
+        # A head arriving piece by piece, or never ending: count every read after the one
+        # it began in (that one may hold the end of the previous body), so a head is
+        # bounded by MAX_HEAD plus one read.
+        if self.in_head and not self.began:
             self.head_bytes += len(data)
             if self.head_bytes > MAX_HEAD:
                 self._refuse(431, "request head too large")
@@ -413,7 +426,7 @@ class ClientConnection(asyncio.Protocol):
             request._feed(piece)
         if not self.raw_body_left:
             self.parsing = None
-            request._end()
+            self._body_done(request)
 
     def eof_received(self) -> bool | None:
         return None  # a half-closed client is a gone client (uvicorn does the same)
@@ -422,13 +435,15 @@ class ClientConnection(asyncio.Protocol):
         self.gone = True
         self.server.connections.discard(self)
         self._stop_lingering()
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
         if self.parsing is not None:
             self.parsing._wake()
         self.queue.clear()
-        self._wake_drain()
         current = self.current
         self.current = None
         if current is not None and not current.ended:
@@ -443,6 +458,7 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.send_timer = self.loop.call_later(SEND_TIMEOUT, self._client_stalled)
         current = self.current
         if current is not None:
             current.paused = True
@@ -451,7 +467,9 @@ class ClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self._wake_drain()
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
         current = self.current
         if current is not None:
             current.paused = False
@@ -461,7 +479,7 @@ class ClientConnection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.in_head = True
+        self.in_head = self.began = True
         self.url = b""
         self.headers = []
         self.head_size = self.head_bytes = 0
@@ -478,6 +496,8 @@ class ClientConnection(asyncio.Protocol):
         if self.idle_timer is not None:  # it also bounds how long a head may take
             self.idle_timer.cancel()
             self.idle_timer = None
+        if self.no_more_requests or self.transport is None or self.transport.is_closing():
+            return  # parsed from the same read after this connection's last answer
         # A head that arrived whole in one read is measured here; one that arrives in
         # pieces, or never ends, is counted as it comes (data_received).
         if self.head_size + len(self.url) + 16 > MAX_HEAD:  # + method and version
@@ -504,7 +524,9 @@ class ClientConnection(asyncio.Protocol):
         self.queue.append(request)
         if self.current is None:
             self._start_next()
-        elif len(self.queue) > MAX_PIPELINED and self.transport is not None:
+        elif not self.read_paused:
+            # A pipelined request waits for the one before it; read no further meanwhile
+            # (as uvicorn does), so that queued bodies cannot pile up in memory.
             self.read_paused = True
             self.transport.pause_reading()
 
@@ -516,10 +538,13 @@ class ClientConnection(asyncio.Protocol):
         request = self.parsing
         if request is not None and not self.raw_body_left:
             self.parsing = None
-            request._end()
-            if request is self.lingering:
-                self._stop_lingering()
-                self._after(request)
+            self._body_done(request)
+
+    def _body_done(self, request: Request) -> None:
+        request._end()
+        if request is self.lingering:  # its answer went out before: now it is all over
+            self._stop_lingering()
+            self._after(request)
 
     # -- requests and responses -----------------------------------------------------
 
@@ -562,6 +587,7 @@ class ClientConnection(asyncio.Protocol):
             return
         reusable = request.keep_alive and request.body_received and not self.no_more_requests
         if not reusable or self.server.draining:
+            self.no_more_requests = True  # what the parser still finds is not served
             transport.close()
             return
         if self.read_paused:
@@ -590,6 +616,11 @@ class ClientConnection(asyncio.Protocol):
         self.no_more_requests = True
         self.queue.clear()
         log.warning("bad request", status=status, error=message, client=self.peer)
+        if self.lingering is not None:  # it has its answer already: no second one
+            self._stop_lingering()
+            if self.transport is not None:
+                self.transport.close()
+            return
         current = self.current
         if current is not None:  # a response is running: let it finish, then close
             current.request.keep_alive = False
@@ -613,18 +644,6 @@ class ClientConnection(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             transport.write(data)
 
-    async def drain(self) -> None:
-        while self.write_paused and not self.gone:
-            self.drain_waiter = self.loop.create_future()
-            try:
-                await self.drain_waiter
-            finally:
-                self.drain_waiter = None
-
-    def _wake_drain(self) -> None:
-        if self.drain_waiter is not None and not self.drain_waiter.done():
-            self.drain_waiter.set_result(None)
-
     # -- idleness and shutdown -------------------------------------------------------
 
     def _arm_idle_timer(self) -> None:
@@ -635,9 +654,16 @@ class ClientConnection(asyncio.Protocol):
     def close_if_idle(self) -> None:
         """Close the connection unless a request is being answered (keep-alive timeout,
         shutdown)."""
-        self.idle_timer = None
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()  # when called by the shutdown rather than the timer
+            self.idle_timer = None
         if self.current is None and self.lingering is None and self.transport is not None:
             self.transport.close()
+
+    def _client_stalled(self) -> None:
+        self.send_timer = None
+        log.warning("client read nothing; closing", seconds=SEND_TIMEOUT, client=self.peer)
+        self.abort()  # connection_lost follows: the relay closes the upstream request
 
     def abort(self) -> None:
         if self.transport is not None:

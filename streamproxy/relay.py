@@ -6,7 +6,7 @@ Theory of operation
    send it upstream (upstream.py) and wait for the response head. Failures before the
    response starts become a JSON error in the SDK's shape (502/504/4xx).
 2. Send the response head, with any body bytes that came along with it, in one write.
-   Then a `Pump` takes the body from inside the upstream connection's `data_received`:
+   Then a `Pump` takes the body from inside the upstream connection's read callback:
    each network read is written to the client at once (http1.py frames it) and only
    then observed (scanner, token timings). No task, future or queue per chunk: the
    exchange's task sleeps on one future until the body ends.
@@ -31,7 +31,6 @@ Theory of operation
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 import time
@@ -49,6 +48,7 @@ from streamproxy.errors import (
     ProxyError,
     ProxyShuttingDown,
     UpstreamError,
+    UpstreamProtocolError,
     UpstreamTimeout,
     describe_error_body,
     json_error_body,
@@ -103,10 +103,13 @@ class ProxyApp:
             await pool.aclose()
 
 
+Ended = UpstreamError | ClientDisconnected | None  # how a pump's body ended; None: cleanly
+
+
 class Pump:
     """Moves one response body from the upstream to the client, called by the upstream
     connection (`upstream.BodySink`). `done` resolves once: None for a clean end, else
-    what ended it (an UpstreamError, ClientDisconnected, ProxyShuttingDown)."""
+    what ended it (an UpstreamError, ProxyShuttingDown among them, or ClientDisconnected)."""
 
     __slots__ = (
         "done",
@@ -116,6 +119,7 @@ class Pump:
         "observer",
         "observing",
         "on_keepalive",
+        "request_id",
         "response",
         "timer",
         "upstream",
@@ -129,8 +133,12 @@ class Pump:
         on_keepalive: Callable[[], None],
         line: bytes,
         interval: float,
+        request_id: str,
     ) -> None:
         self.response = response
+        # Logged explicitly: the upstream connection's callbacks run in the context of
+        # whichever request opened that (pooled) connection, not this one.
+        self.request_id = request_id
         self.upstream = upstream
         self.observer = observer
         self.observing = True
@@ -139,7 +147,7 @@ class Pump:
         self.interval = interval
         self.last_write = clock()
         self.timer: KeepaliveTimer | None = None
-        self.done: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[Ended] = asyncio.get_running_loop().create_future()
 
     # -- upstream.BodySink -----------------------------------------------------------
 
@@ -173,7 +181,11 @@ class Pump:
         # A bug in the metrics must not break the user's stream: relay on, unobserved.
         self.observing = False  # the scanners' state is unknown now: no more comments
         trace = "".join(traceback.format_exception(exc))
-        log.error("stream observer failed; relaying on unobserved", traceback=trace)
+        log.error(
+            "stream observer failed; relaying on unobserved",
+            request_id=self.request_id,
+            traceback=trace,
+        )
 
     def start_keepalive(self) -> None:
         loop = asyncio.get_running_loop()
@@ -197,7 +209,7 @@ class Pump:
     def resume_writing(self) -> None:
         self.upstream.resume()
 
-    def stop(self, reason: BaseException) -> None:
+    def stop(self, reason: UpstreamError | ClientDisconnected) -> None:
         """End the stream now (the client left, or the drain ran out): the upstream
         connection is closed in this very call."""
         self.upstream.close()
@@ -208,7 +220,7 @@ class Pump:
             self.timer.cancel()
             self.timer = None
 
-    def _finish(self, result: BaseException | None) -> None:
+    def _finish(self, result: Ended) -> None:
         self.stop_timer()
         if not self.done.done():
             self.done.set_result(result)
@@ -236,6 +248,7 @@ class Exchange:
         "path",
         "pump",
         "request",
+        "request_id",
         "response",
         "status",
         "task",
@@ -258,6 +271,7 @@ class Exchange:
         self.status = 0
         self.observer = StreamObserver("unknown", "none", self.arrived)
         self.pump: Pump | None = None
+        self.request_id = ""
         self.error: ProxyError | None = None
         self.client_left = False
         self.interrupted = False  # this exchange's task was cancelled by _interrupt()
@@ -272,7 +286,8 @@ class Exchange:
     # -- the request ---------------------------------------------------------------
 
     async def run(self) -> None:
-        structlog.contextvars.bind_contextvars(request_id=self._request_id())
+        self.request_id = self._request_id()
+        structlog.contextvars.bind_contextvars(request_id=self.request_id)
         self.task = asyncio.current_task()
         self.app.active.add(self)
         outcome: Outcome = "upstream_error"  # if anything unforeseen escapes below
@@ -339,6 +354,10 @@ class Exchange:
         self.model = request_model(self.api, self.path, body)
         request = self.request
         headers = hdrs.request_headers(request.headers, request.client, "http")
+        if self._commits_early():
+            # Once 200 and SSE headers are committed, an encoded body has nowhere to say
+            # so: ask for an identity one.
+            headers = [(name, value) for name, value in headers if name != b"accept-encoding"]
         if route.credential is not None:
             headers = hdrs.with_credential(headers, route.credential)
         target = route.target(request.raw_path, request.query)
@@ -398,14 +417,17 @@ class Exchange:
     async def _frame_upstream_error_status(self, upstream: UpstreamResponse) -> Outcome:
         """After an early commit, an upstream error status becomes the SSE error event."""
         body = b""
-        with contextlib.suppress(UpstreamError):
+        try:
             while len(body) <= 65536 and (chunk := await upstream.read()):
                 body += chunk
+        except UpstreamError as exc:  # the body is only for the message: keep what came
+            exc.__traceback__ = None  # it stays on the connection: no frame cycle
         error_type, message = describe_error_body(body)
         error = UpstreamError(f"upstream answered {upstream.status}: {message}")
         error.error_type = error_type
         self.error = error
         self.response.write(sse_error_frame(error_type, error.message, status=upstream.status))
+        self._account("upstream_error")  # counted before the client sees the end
         self.response.abort()
         return "upstream_error"
 
@@ -418,9 +440,15 @@ class Exchange:
             kind = body_kind(hdrs.get(headers, b"content-type"))
             self.observer = StreamObserver(self.api, kind, self.arrived, self._gap_recorder().add)
             identity = hdrs.get(headers, b"content-encoding") in (None, b"identity")
-            self.status = upstream.status
-            if self.committed and self.status >= 400:
-                return await self._frame_upstream_error_status(upstream)
+            if self.committed:  # the client has its 200 already: that is its status
+                if upstream.status >= 400:
+                    return await self._frame_upstream_error_status(upstream)
+                if not identity:  # an encoded body cannot follow the committed headers
+                    return self._send_error_response(
+                        UpstreamProtocolError("upstream sent an encoded body after the early 200")
+                    )
+            else:
+                self.status = upstream.status
             # Bytes may be added only to an identity-encoded SSE body framed by chunks: a
             # comment inside gzip corrupts it, and past a Content-Length it is an error.
             insertable = is_sse and identity and hdrs.get(headers, b"content-length") is None
@@ -440,6 +468,7 @@ class Exchange:
             self._count_keepalive,
             self.app.keepalive_line,
             keepalive_config.interval,
+            self.request_id,
         )
         first = upstream.take_buffered()
         if self.committed:
@@ -467,9 +496,7 @@ class Exchange:
                 active.dec()
         return self._end_stream(pump, ended, can_frame_error)
 
-    def _end_stream(
-        self, pump: Pump, ended: BaseException | None, can_frame_error: bool
-    ) -> Outcome:
+    def _end_stream(self, pump: Pump, ended: Ended, can_frame_error: bool) -> Outcome:
         observer = self.observer
         if ended is None:
             if pump.observing:
@@ -482,13 +509,14 @@ class Exchange:
         if isinstance(ended, ClientDisconnected):
             self.response.abort()
             return "client_disconnect"
-        error = ended if isinstance(ended, UpstreamError) else UpstreamError(str(ended))
-        self.error = error
+        self.error = ended
         if can_frame_error and pump.observing and observer.at_event_boundary:
-            self.response.write(sse_error_frame(error.error_type, error.message))
+            self.response.write(sse_error_frame(ended.error_type, ended.message))
+        outcome = _failure_outcome(ended)
+        self._account(outcome)  # counted before the client sees the end
         # No chunked terminator: the client sees an incomplete body.
         self.response.abort()
-        return _failure_outcome(error)
+        return outcome
 
     def abort(self, error: UpstreamError) -> None:
         """End this stream as an upstream failure (used by the drain on shutdown)."""
@@ -513,10 +541,13 @@ class Exchange:
         return True
 
     def _send_error_response(self, exc: ProxyError) -> Outcome:
-        self.error = exc
+        # Kept without its traceback: its frames hold this exchange (and the request
+        # body), a reference cycle only the cyclic GC would free.
+        self.error = exc.with_traceback(None)
         outcome = _failure_outcome(exc)
         if self.committed:  # 200 is on the wire: the error can only be an SSE event
             self.response.write(sse_error_frame(exc.error_type, exc.message, status=exc.status))
+            self._account(outcome)  # counted before the client sees the end
             self.response.abort()
             return outcome
         self.status = exc.status

@@ -81,7 +81,6 @@ class UpstreamConnection(asyncio.BufferedProtocol):
 
     # httptools looks every callback up with getattr(); one that is missing costs an
     # AttributeError per connection. These it may skip:
-    on_message_begin = None
     on_status = None
     on_chunk_header = None
     on_chunk_complete = None
@@ -203,6 +202,10 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self._notify()
 
     # -- httptools callbacks ---------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.message_done:  # llhttp parses on past the end of the one response asked for
+            raise UpstreamProtocolError("upstream sent more than the one response asked for")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_size += len(name) + len(value)
@@ -380,11 +383,6 @@ class UpstreamResponse:
             if conn.error is not None:
                 raise conn.error
             await conn.wait()
-
-    @property
-    def finished(self) -> bool:
-        """The whole body has been received and handed out."""
-        return self._conn.message_done and not self._conn.pieces
 
     def close(self) -> None:
         """Give the connection back if the body was read to its end; close it otherwise.

@@ -20,6 +20,7 @@ class RawServer:
     closed_at: list[float] = field(default_factory=list)  # when the proxy hung up, per connection
     bytes_written: int = 0
     connections: int = 0
+    heads: list[bytes] = field(default_factory=list)  # request heads, for handlers that keep them
 
     def wait_closed(self, count: int = 1, timeout: float = 5.0) -> float | None:
         """The time the `count`th connection was closed by the proxy, or None on timeout."""
@@ -41,8 +42,11 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
 
 
 async def _watch_eof(reader: asyncio.StreamReader, state: RawServer) -> None:
-    while await reader.read(65536):
-        pass
+    try:
+        while await reader.read(65536):
+            pass
+    except ConnectionResetError:
+        pass  # closed with bytes unread on its side: a reset, not a FIN, but closed all the same
     state.closed_at.append(time.monotonic())
 
 

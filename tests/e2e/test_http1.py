@@ -9,6 +9,7 @@ client side; whether and when the server closes is read from the socket itself.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import socket
@@ -23,12 +24,13 @@ import h11
 import pytest
 from prometheus_client import CollectorRegistry
 
+from streamproxy import http1
 from streamproxy.config import Config, KeepaliveConfig, LimitsConfig, UpstreamConfig
 from streamproxy.http1 import MAX_HEAD
 from streamproxy.metrics import Metrics
 from streamproxy.relay import ProxyApp
 from tests import client
-from tests.rawserver import raw_server
+from tests.rawserver import SSE_HEAD, chunk, raw_server, read_request
 from tests.support import serve_proxy
 
 TIMEOUT = 10.0  # every socket operation: generous, but no test can hang
@@ -787,3 +789,115 @@ def test_connection_that_stops_inside_its_head_is_closed(mock_url):
         w.send(b"GET /echo/x HTTP/1.1\r\nHost: proxy.test\r\n")
         rest = w.wait_closed(timeout=4.0)  # fails if still open
     assert rest == b"" or rest.startswith(b"HTTP/1.1 408 "), rest
+
+
+# -- found in review: what a connection must not do after its last answer ----------------
+
+
+async def _streaming_upstream(reader, writer, state) -> None:
+    """Answers every request with a 3 s SSE stream; records each request head."""
+    try:
+        while True:
+            state.heads.append(await read_request(reader))
+            writer.write(SSE_HEAD)
+            for i in range(30):
+                writer.write(chunk(b"data: %d\n\n" % i))
+                await writer.drain()
+                await asyncio.sleep(0.1)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+def test_request_after_the_last_answer_is_never_forwarded(start_proxy, version):
+    """An early 413 closes the connection once its body is in (Expect without 100, or
+    HTTP/1.0). A streaming request that arrives in the same read as the rest of that body
+    is not served: it never reaches the upstream (nobody would read its stream)."""
+    limits = LimitsConfig(max_request_body=1000)
+    if version == "1.1":
+        first = [("Expect", "100-continue"), ("Content-Length", "2000")]
+    else:
+        first = [("Connection", "keep-alive"), ("Content-Length", "2000")]
+    keep = [("Connection", "keep-alive")] if version == "1.0" else []
+    stream = req("POST", "/v1/chat/completions", keep, b'{"stream":true}', version=version)
+    with raw_server(_streaming_upstream, raw=True) as upstream:
+        with start_proxy(upstream.url, limits=limits) as proxy, wire(proxy.url) as w:
+            w.send(req("POST", "/v1/chat/completions", first, version=version))
+            assert_error(w.response(), 413)
+            w.send(b"x" * 2000 + stream)
+            w.wait_closed(timeout=3)
+            time.sleep(0.5)
+            assert not proxy.app.active
+        assert upstream.heads == []
+
+
+def test_no_second_answer_while_lingering(start_proxy, mock_url):
+    """A 413 sent while the chunked body still arrives; the body then turns out broken:
+    the connection closes, without a second (400) answer to the same request."""
+    limits = LimitsConfig(max_request_body=1000)
+    big = b"%x\r\n%s\r\n" % (4096, b"y" * 4096)
+    with start_proxy(mock_url, limits=limits) as proxy, wire(proxy.url) as w:
+        w.send(req("POST", "/echo/big", [("Transfer-Encoding", "chunked")]) + big)
+        assert_error(w.response(), 413)
+        w.send(b"zz-not-a-chunk-size\r\n")
+        assert not w.wait_closed(timeout=3).startswith(b"HTTP/1.1")
+
+
+def test_upgrade_body_answered_early_ends_when_the_body_is_in(start_proxy, mock_url):
+    """An Upgrade request with a Content-Length body, answered (413) before the body: once
+    the body is all in, the connection closes at once, not after the 5 s linger."""
+    limits = LimitsConfig(max_request_body=1000)
+    headers = [("Connection", "Upgrade"), ("Upgrade", "h2c"), ("Content-Length", "2000")]
+    with start_proxy(mock_url, limits=limits) as proxy, wire(proxy.url) as w:
+        w.send(req("POST", "/echo/u", headers))
+        assert_error(w.response(), 413)
+        started = time.monotonic()
+        w.send(b"x" * 2000)
+        w.wait_closed(timeout=10)
+        assert time.monotonic() - started < 2.0
+
+
+def test_pipelined_head_after_a_long_body_is_served(start_proxy, mock_url):
+    """A 200 KB body and the start of the next request's head in one write: the short
+    head is not mistaken for an oversized one (the body's bytes are not head bytes)."""
+    with start_proxy(mock_url) as proxy, wire(proxy.url) as w:
+        w.send(req("POST", "/echo/one", body=b"x" * 200_000) + b"GET /echo/two HTTP/1.1\r\n")
+        time.sleep(0.3)
+        w.send(b"Host: x\r\n\r\n")
+        assert echo(w.response(method="POST"))["body_len"] == 200_000
+        assert echo(w.response())["raw_path"] == "/echo/two"
+
+
+def test_a_body_that_stops_arriving_gets_408(start_proxy, mock_url, monkeypatch):
+    """Content-Length promises 100 bytes, 10 come, then silence: after BODY_TIMEOUT the
+    client gets 408 (and the connection does not hang open forever)."""
+    monkeypatch.setattr(http1, "BODY_TIMEOUT", 0.5)
+    with start_proxy(mock_url) as proxy, wire(proxy.url) as w:
+        w.send(req("POST", "/echo/x", [("Content-Length", "100")]) + b"x" * 10)
+        assert_error(w.response(method="POST"), 408)
+
+
+async def _firehose(reader, writer, state) -> None:
+    writer.write(SSE_HEAD)
+    event = chunk(b"data: " + b"x" * 16378 + b"\n\n")
+    with suppress(ConnectionError):
+        while True:
+            writer.write(event)
+            await writer.drain()
+
+
+def test_a_client_that_reads_nothing_is_cut_off(start_proxy, monkeypatch):
+    """A client that keeps its connection open but reads nothing of its stream is cut off
+    after SEND_TIMEOUT, and the upstream request is closed with it."""
+    monkeypatch.setattr(http1, "SEND_TIMEOUT", 1.0)
+    with raw_server(_firehose) as upstream, start_proxy(upstream.url) as proxy:
+        host, port = proxy.url.removeprefix("http://").split(":")
+        sock = socket.create_connection((host, int(port)))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n")
+        try:
+            assert upstream.wait_closed(timeout=10) is not None, "the upstream request stayed open"
+        finally:
+            sock.close()

@@ -144,3 +144,27 @@ def test_idle_connections_are_closed_when_they_expire(start_proxy, monkeypatch):
         assert 0.2 <= closed - released <= 3.0
         assert client.request(proxy.url, "GET", "/x").body == b"{}"  # a fresh one
         assert upstream.connections == 2
+
+
+def test_bytes_after_the_response_are_not_relayed(start_proxy):
+    """An upstream that writes a second response after the one asked for: the client gets
+    the first, whole, and nothing of the second; that connection is not reused."""
+    extra = b"HTTP/1.1 200 OK\r\ncontent-length: 14\r\n\r\ndata: SMUGGLE\n"
+
+    async def two_responses(reader, writer, state):
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\nd\r\ndata: hello\n\n\r\n0\r\n\r\n" + extra
+        )
+        await writer.drain()
+        await asyncio.sleep(0.5)
+
+    with raw_server(two_responses, raw=True) as upstream, start_proxy(upstream.url) as proxy:
+        first = client.request(proxy.url, "GET", "/x")
+        second = client.request(proxy.url, "GET", "/x")
+    assert first.complete
+    assert first.body == b"data: hello\n\n"
+    assert first.header(b"content-length") is None
+    assert second.complete  # on a new upstream connection, not the spoiled one
+    assert upstream.connections == 2
