@@ -9,6 +9,9 @@ one loop turn relayed megabytes per flooding stream and a new stream waited seco
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -56,6 +59,7 @@ def test_new_stream_is_served_while_others_flood(tmp_path, flood_upstream):
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # it forks its worker: stop the whole group
     )
     try:
         time.sleep(2.0)  # the flood is under way
@@ -63,7 +67,8 @@ def test_new_stream_is_served_while_others_flood(tmp_path, flood_upstream):
         headers = [("x-bench-events", "3"), ("x-bench-interval", "0")]
         response = client.request(proxy.url, "POST", "/v1/chat/completions", headers, b"{}")
     finally:
-        flood.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(flood.pid, signal.SIGTERM)
         flood.wait(10)
         proxy.stop()
     assert response.status == 200
