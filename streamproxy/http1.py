@@ -265,16 +265,9 @@ class Response:
         self._conn.write(b"".join(head))
 
     def write(self, chunk: bytes) -> None:
-        """Send one piece of the body, as it is, in the client's framing. (Runs per
-        event: framing and the transport write are inlined.)"""
-        transport = self._conn.transport  # None once the connection is lost
-        if not chunk or self.ended or transport is None or transport.is_closing():
-            return
-        if self._framing == CHUNKED:
-            transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-        elif self._framing != NO_BODY:
-            self._remaining -= len(chunk)
-            transport.write(chunk)
+        """Send one piece of the body, as it is, in the client's framing."""
+        if chunk and not self.ended and self._framing != NO_BODY:
+            self._conn.write(self._frame(chunk))
 
     def _frame(self, chunk: bytes) -> bytes:
         if self._framing == CHUNKED:  # the common case first: this runs per event
@@ -317,7 +310,6 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "began",
         "current",
-        "gone",
         "head_bytes",
         "head_size",
         "headers",
@@ -348,7 +340,6 @@ class ClientConnection(asyncio.Protocol):
         # A pipelined request after one with `Connection: close` is ignored, not an error.
         self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
         self.peer: str | None = None
-        self.gone = False
         self.idle_timer: asyncio.TimerHandle | None = None
         self.write_paused = False
         self.read_paused = False
@@ -431,8 +422,12 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         return None  # a half-closed client is a gone client (uvicorn does the same)
 
+    @property
+    def gone(self) -> bool:
+        """The client connection is closed (`connection_lost` drops the transport)."""
+        return self.transport is None
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self.gone = True
         self.server.connections.discard(self)
         self._stop_lingering()
         if self.send_timer is not None:
@@ -583,7 +578,7 @@ class ClientConnection(asyncio.Protocol):
     def _after(self, request: Request) -> None:
         """The request and its response are both over."""
         transport = self.transport
-        if self.gone or transport is None:
+        if transport is None:  # the client is gone
             return
         reusable = request.keep_alive and request.body_received and not self.no_more_requests
         if not reusable or self.server.draining:
@@ -599,8 +594,7 @@ class ClientConnection(asyncio.Protocol):
             self._arm_idle_timer()
 
     def _linger_over(self) -> None:
-        self.linger_timer = None
-        self.lingering = None
+        self._stop_lingering()
         if self.transport is not None:
             self.transport.close()
 

@@ -155,11 +155,7 @@ class Pump:
         """Write one upstream read to the client, then observe it."""
         self.response.write(chunk)
         self.last_write = now = clock()
-        if self.observing:
-            try:
-                self.observer.on_chunk(chunk, now)
-            except Exception as exc:
-                self._observer_failed(exc)
+        self.observe(chunk, now)
 
     def on_end(self) -> None:
         self._finish(None)
@@ -170,22 +166,18 @@ class Pump:
     # -- the rest --------------------------------------------------------------------
 
     def observe(self, chunk: bytes, now: float) -> None:
-        """Observe a chunk written outside `on_body` (the first, sent with the head)."""
-        if self.observing:
-            try:
-                self.observer.on_chunk(chunk, now)
-            except Exception as exc:
-                self._observer_failed(exc)
-
-    def _observer_failed(self, exc: Exception) -> None:
-        # A bug in the metrics must not break the user's stream: relay on, unobserved.
-        self.observing = False  # the scanners' state is unknown now: no more comments
-        trace = "".join(traceback.format_exception(exc))
-        log.error(
-            "stream observer failed; relaying on unobserved",
-            request_id=self.request_id,
-            traceback=trace,
-        )
+        """Observe a chunk already written to the client."""
+        if not self.observing:
+            return
+        try:
+            self.observer.on_chunk(chunk, now)
+        except Exception as exc:  # a bug in the metrics must not break the user's stream
+            self.observing = False  # the scanners' state is unknown now: no more comments
+            log.error(
+                "stream observer failed; relaying on unobserved",
+                request_id=self.request_id,
+                traceback="".join(traceback.format_exception(exc)),
+            )
 
     def start_keepalive(self) -> None:
         loop = asyncio.get_running_loop()

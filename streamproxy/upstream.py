@@ -172,9 +172,8 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         else:
             if self.pieces or self.message_done or self.headers_done:
                 self._wake()
-            if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
-                self.paused = True
-                self.transport.pause_reading()
+            if self.buffered > HIGH_WATER:
+                self.pause_reading()
         if nbytes == READ_SIZE and not self.paused and not self.closed and self.transport:
             # More is waiting: stop here for this loop turn (libuv would read again at
             # once), so that every other connection gets its turn, then read on.
@@ -238,17 +237,34 @@ class UpstreamConnection(asyncio.BufferedProtocol):
 
     # -- used by UpstreamResponse ----------------------------------------------------
 
+    def take_pieces(self) -> bytes:
+        """The body bytes parsed and not yet handed out, as one chunk (b"" if none)."""
+        pieces = self.pieces
+        if not pieces:
+            return b""
+        self.pieces = []
+        self.buffered = 0
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def pause_reading(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
     def deliver(self) -> None:
         """Hand what the parser has to the sink: the pieces of this read as one chunk,
         then the end or the error, once."""
         sink = self.sink
         if sink is None:
             return
-        if self.pieces:
-            pieces = self.pieces
-            self.pieces = []
-            self.buffered = 0
-            sink.on_body(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        chunk = self.take_pieces()
+        if chunk:
+            sink.on_body(chunk)
         if self.message_done:
             self.sink = None
             sink.on_end()
@@ -340,14 +356,9 @@ class UpstreamResponse:
     def take_buffered(self) -> bytes:
         """The body bytes that arrived with the head (b"" if none), taken: the relay sends
         them with the response head, in one write."""
-        conn = self._conn
-        pieces = conn.pieces
-        if not pieces:
-            return b""
-        conn.pieces = []
-        conn.buffered = 0
-        self.resume()
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        chunk = self._conn.take_pieces()
+        self.resume()  # a read paused by the unread pieces goes on
+        return chunk
 
     def attach(self, sink: BodySink) -> None:
         """Deliver the rest of the body to `sink`, starting with what is already here."""
@@ -357,27 +368,21 @@ class UpstreamResponse:
 
     def pause(self) -> None:
         """Stop reading from the upstream (the client is not keeping up)."""
-        conn = self._conn
-        if not conn.paused and not self._closed and conn.transport is not None:
-            conn.paused = True
-            conn.transport.pause_reading()
+        if not self._closed:
+            self._conn.pause_reading()
 
     def resume(self) -> None:
-        conn = self._conn
-        if conn.paused and not self._closed and conn.transport is not None:
-            conn.paused = False
-            conn.transport.resume_reading()
+        if not self._closed:
+            self._conn.resume_reading()
 
     async def read(self) -> bytes:
         """The next piece of the body as it arrived; b"" at its end. Raises UpstreamError."""
         conn = self._conn
         while True:
-            pieces = conn.pieces
-            if pieces:
-                conn.pieces = []
-                conn.buffered = 0
+            chunk = conn.take_pieces()
+            if chunk:
                 self.resume()
-                return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                return chunk
             if conn.message_done:
                 return b""
             if conn.error is not None:
@@ -394,9 +399,7 @@ class UpstreamResponse:
         conn.sink = None
         conn.stop_silence_timer()
         if conn.message_done and not conn.pieces and conn.error is None:
-            if conn.paused and conn.transport is not None:
-                conn.paused = False
-                conn.transport.resume_reading()
+            conn.resume_reading()  # idle in the pool, it must see the server's close
             self._pool.release(conn)
         else:
             conn.abort()
