@@ -54,7 +54,7 @@ from streamproxy.errors import (
     json_error_body,
     sse_error_frame,
 )
-from streamproxy.http1 import Headers, Request, Response
+from streamproxy.http1 import Request, Response
 from streamproxy.keepalive import SLACK, KeepaliveTimer, comment_line
 from streamproxy.metrics import GapRecorder, Metrics
 from streamproxy.observer import Outcome, StreamObserver, body_kind
@@ -228,10 +228,12 @@ class Exchange:
         "api",
         "app",
         "arrived",
+        "can_frame_error",
         "client_left",
         "committed",
         "error",
         "gaps",
+        "head_failure",
         "interrupt_absorbed",
         "interrupted",
         "method",
@@ -272,6 +274,8 @@ class Exchange:
         self.wants_stream = False
         self.upstream_answered = False
         self.committed = False  # 200 + SSE headers sent before the upstream answered
+        self.can_frame_error = False  # a failure mid-body can be sent as an SSE error event
+        self.head_failure: Exception | None = None  # a bug in `_on_upstream_head`
         self.task: asyncio.Task[object] | None = None  # the task running this exchange
         self.gaps: GapRecorder | None = None  # inter-token gaps, flushed to the ITL histogram
 
@@ -353,7 +357,20 @@ class Exchange:
         if route.credential is not None:
             headers = hdrs.with_credential(headers, route.credential)
         target = route.target(request.raw_path, request.query)
-        return await self.app.pools[route.upstream.name].request(self.method, target, headers, body)
+        pool = self.app.pools[route.upstream.name]
+        on_head = None if self._commits_early() else self._on_upstream_head
+        return await pool.request(self.method, target, headers, body, on_head)
+
+    def _on_upstream_head(self, upstream: UpstreamResponse) -> None:
+        """The upstream connection's call when the response head is in: the client's
+        response starts in that same read callback, not a loop turn later when this
+        exchange's task wakes (under load, a turn of the loop is milliseconds of TTFB)."""
+        if self.client_left or self.interrupted:
+            return  # the task, cancelled, ends the exchange
+        try:
+            self._start_relay(upstream)
+        except Exception as exc:  # a bug: raised again in the task (http1 answers 500)
+            self.head_failure = exc
 
     # -- http1.ResponseListener -----------------------------------------------------
 
@@ -426,40 +443,49 @@ class Exchange:
     # -- the response --------------------------------------------------------------
 
     async def _relay(self, upstream: UpstreamResponse) -> Outcome:
-        self.upstream_answered = True
         try:
-            headers, is_sse = hdrs.response_headers(upstream.headers)
-            kind = body_kind(hdrs.get(headers, b"content-type"))
-            self.observer = StreamObserver(self.api, kind, self.arrived, self._gap_recorder().add)
-            identity = hdrs.get(headers, b"content-encoding") in (None, b"identity")
-            if self.committed:  # the client has its 200 already: that is its status
-                if upstream.status >= 400:
-                    return await self._frame_upstream_error_status(upstream)
-                if not identity:  # an encoded body cannot follow the committed headers
-                    return self._send_error_response(
-                        UpstreamProtocolError("upstream sent an encoded body after the early 200")
-                    )
-            else:
-                self.status = upstream.status
-            # Bytes may be added only to an identity-encoded SSE body framed by chunks: a
-            # comment inside gzip corrupts it, and past a Content-Length it is an error.
-            insertable = is_sse and identity and hdrs.get(headers, b"content-length") is None
-            keepalive = insertable and self.app.keepalive.interval > 0
-            return await self._stream(upstream, headers, keepalive, can_frame_error=insertable)
+            if self.head_failure is not None:
+                raise self.head_failure.with_traceback(None)
+            if self.pump is None:  # not started from the head's callback
+                if self.committed:  # the client has its 200 already: that is its status
+                    if upstream.status >= 400:
+                        return await self._frame_upstream_error_status(upstream)
+                    encoding = hdrs.get(upstream.headers, b"content-encoding")
+                    if encoding not in (None, b"identity"):
+                        return self._send_error_response(
+                            UpstreamProtocolError(
+                                "upstream sent an encoded body after the early 200"
+                            )
+                        )
+                self._start_relay(upstream)
+            return await self._stream()
         finally:
             upstream.close()
 
-    async def _stream(
-        self, upstream: UpstreamResponse, headers: Headers, keepalive: bool, can_frame_error: bool
-    ) -> Outcome:
-        keepalive_config = self.app.keepalive
+    def _start_relay(self, upstream: UpstreamResponse) -> None:
+        """Send the response head with the body bytes that came along, in one write, and
+        attach the pump that relays the rest."""
+        self.upstream_answered = True
+        headers, is_sse = hdrs.response_headers(upstream.headers)
+        kind = body_kind(hdrs.get(headers, b"content-type"))
+        self.observer = observer = StreamObserver(
+            self.api, kind, self.arrived, self._gap_recorder().add
+        )
+        if not self.committed:
+            self.status = upstream.status
+        # Bytes may be added only to an identity-encoded SSE body framed by chunks: a
+        # comment inside gzip corrupts it, and past a Content-Length it is an error.
+        identity = hdrs.get(headers, b"content-encoding") in (None, b"identity")
+        insertable = is_sse and identity and hdrs.get(headers, b"content-length") is None
+        self.can_frame_error = insertable
+        keepalive = self.app.keepalive
         pump = Pump(
             self.response,
             upstream,
-            self.observer,
+            observer,
             self._count_keepalive,
             self.app.keepalive_line,
-            keepalive_config.interval,
+            keepalive.interval,
             self.request_id,
         )
         first = upstream.take_buffered()
@@ -470,23 +496,27 @@ class Exchange:
         if first:
             pump.last_write = now = clock()
             pump.observe(first, now)
+        self.pump = pump
+        upstream.attach(pump)  # the body may already be complete: then `done` is too
+        if self.response.paused:  # the client fell behind before the pump existed
+            pump.pause_writing()
+        if insertable and keepalive.interval > 0 and not pump.done.done():
+            pump.start_keepalive()
+
+    async def _stream(self) -> Outcome:
+        pump = self.pump
+        assert pump is not None
         streamed = self.observer.kind != "none"
         active = self.app.metrics.child("streams_active", self.upstream_name)
         if streamed:
             active.inc()
-        self.pump = pump
         try:
-            upstream.attach(pump)  # the body may already be complete: then `done` is too
-            if self.response.paused:  # the client fell behind before the pump existed
-                pump.pause_writing()
-            if keepalive and not pump.done.done():
-                pump.start_keepalive()
             ended = await pump.done
         finally:
             pump.stop_timer()
             if streamed:
                 active.dec()
-        return self._end_stream(pump, ended, can_frame_error)
+        return self._end_stream(pump, ended, self.can_frame_error)
 
     def _end_stream(self, pump: Pump, ended: Ended, can_frame_error: bool) -> Outcome:
         observer = self.observer
@@ -583,6 +613,7 @@ class Exchange:
         status = self.status or 499  # nginx's code for "client closed before the response"
         self.app.metrics.record(self.upstream_name, self.method, status, model, record)
         logs.access_line(
+            request_id=self.request_id,
             method=self.method,
             path=self.path,
             upstream=self.upstream_name,

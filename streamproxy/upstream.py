@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, cast
 from urllib.parse import urlsplit
 
@@ -100,6 +101,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         "last_data",
         "loop",
         "message_done",
+        "on_head",
         "parser",
         "paused",
         "pieces",
@@ -138,6 +140,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.paused = False  # reading paused: unread pieces, or a slow client
         self.silence_timer: asyncio.TimerHandle | None = None
         self.sink: BodySink | None = None
+        self.on_head: Callable[[], None] | None = None  # called once the response head is in
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -167,6 +170,8 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamProtocolError("upstream switched protocols"))
             return
+        if self.on_head is not None and self.headers_done:
+            self._head_arrived()
         if self.sink is not None:
             self.deliver()
         else:
@@ -180,6 +185,14 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             self.yielded = True
             self.transport.pause_reading()
             self.loop.call_soon(self._read_on)
+
+    def _head_arrived(self) -> None:
+        """Hand the complete head on in this very callback (the relay starts its response,
+        and may attach its sink), then wake the task waiting for it."""
+        on_head, self.on_head = self.on_head, None
+        assert on_head is not None
+        on_head()
+        self._wake()
 
     def _read_on(self) -> None:
         if self.yielded:
@@ -344,14 +357,20 @@ class UpstreamResponse:
     """A response whose body goes to a sink (`attach`) or is pulled (`read`); `close()`
     gives the connection back to the pool, or closes it if the body is not finished."""
 
-    __slots__ = ("_closed", "_conn", "_pool", "headers", "status")
+    __slots__ = ("_closed", "_conn", "_pool")
 
     def __init__(self, pool: UpstreamPool, conn: UpstreamConnection) -> None:
         self._pool = pool
         self._conn = conn
         self._closed = False
-        self.status = conn.status
-        self.headers = conn.headers
+
+    @property
+    def status(self) -> int:
+        return self._conn.status
+
+    @property
+    def headers(self) -> Headers:
+        return self._conn.headers
 
     def take_buffered(self) -> bytes:
         """The body bytes that arrived with the head (b"" if none), taken: the relay sends
@@ -426,22 +445,42 @@ class UpstreamPool:
         self.read_buffer = memoryview(bytearray(READ_SIZE))
 
     async def request(
-        self, method: str, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes
+        self,
+        method: str,
+        target: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        on_head: Callable[[UpstreamResponse], None] | None = None,
     ) -> UpstreamResponse:
         """Send a request and wait for the response head. A reused connection the server
-        had already closed (no byte of answer) is retried once on a fresh one."""
+        had already closed (no byte of answer) is retried once on a fresh one.
+
+        `on_head`, if given, is called with the response from inside the read callback
+        that completed its head, before this returns (not for HEAD requests)."""
         head = _request_head(method, target, self.host_header, headers, len(body))
+        if method == "HEAD":
+            on_head = None  # the connection must learn first that no body follows
         conn = self._take_idle()
         if conn is not None:
             with contextlib.suppress(_StaleConnection):
-                return await self._exchange(conn, method, head, body, reused=True)
-        return await self._exchange(await self._connect(), method, head, body, reused=False)
+                return await self._exchange(conn, method, head, body, True, on_head)
+        conn = await self._connect()
+        return await self._exchange(conn, method, head, body, False, on_head)
 
     async def _exchange(
-        self, conn: UpstreamConnection, method: str, head: bytes, body: bytes, reused: bool
+        self,
+        conn: UpstreamConnection,
+        method: str,
+        head: bytes,
+        body: bytes,
+        reused: bool,
+        on_head: Callable[[UpstreamResponse], None] | None,
     ) -> UpstreamResponse:
         assert conn.transport is not None
         conn.reset()
+        response = UpstreamResponse(self, conn)
+        if on_head is not None:
+            conn.on_head = functools.partial(on_head, response)
         conn.start_silence_timer(self.read_timeout)
         conn.transport.write(head + body if len(body) < 65536 else head)
         if len(body) >= 65536:
@@ -456,10 +495,12 @@ class UpstreamPool:
         except BaseException:
             conn.abort()
             raise
+        finally:
+            conn.on_head = None  # called already, or never will be: no cycle left
         if method == "HEAD":  # no body follows, whatever the headers say; don't reuse
             conn.message_done = True
             conn.closed = True
-        return UpstreamResponse(self, conn)
+        return response
 
     def _take_idle(self) -> UpstreamConnection | None:
         now = asyncio.get_running_loop().time()

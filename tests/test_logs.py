@@ -9,6 +9,7 @@ import structlog
 
 from streamproxy import logs
 from streamproxy.logs import MASK, redact
+from streamproxy.observer import StreamRecord
 
 
 def test_sensitive_keys_are_masked_whatever_their_case():
@@ -58,3 +59,46 @@ def test_configured_json_lines_are_redacted():
     assert line["authorization"] == MASK
     assert line["event"] == "oops"
     logs.configure("warning", "console", cache=False)
+
+
+ACCESS_FIELDS = dict(
+    method="POST",
+    path="/v1/chat/completions",
+    upstream="openai",
+    model="gpt-4o",
+    status=200,
+    record=StreamRecord("completed", True, 5120, 0.0123, 0.02, 16, None, 1.5, "body"),
+    error="upstream said: Bearer sk-live-1234567890",
+)
+
+
+def test_the_direct_access_line_is_what_structlog_would_write():
+    """The JSON access line skips structlog's pipeline for speed; it must still be the
+    same object in the same key order as the pipeline's, request id and redaction included."""
+    fields = ACCESS_FIELDS
+    out = io.StringIO()
+    logs.configure("info", "json", stream=out, cache=False)
+    try:
+        logs.access_line(request_id="rid-7", **fields)
+        logs._access.json_out = None  # the same line through structlog's pipeline
+        with structlog.contextvars.bound_contextvars(request_id="rid-7"):
+            logs.access_line(request_id="rid-7", **fields)
+    finally:
+        logs.configure("warning", "console", cache=False)
+    direct, piped = (json.loads(line) for line in out.getvalue().splitlines())
+    assert direct["error"] == "upstream said: Bearer " + MASK
+    assert direct.pop("timestamp").endswith("Z")
+    assert piped.pop("timestamp").endswith("Z")
+    assert list(direct.items()) == list(piped.items())
+    assert direct["request_id"] == "rid-7"
+    assert direct["ttfb"] == 12.3
+
+
+def test_access_lines_follow_the_level():
+    out = io.StringIO()
+    logs.configure("warning", "json", stream=out, cache=False)
+    try:
+        logs.access_line(request_id="r", **ACCESS_FIELDS)
+    finally:
+        logs.configure("warning", "console", cache=False)
+    assert out.getvalue() == ""

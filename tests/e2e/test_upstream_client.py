@@ -7,6 +7,7 @@ import asyncio
 import time
 
 from streamproxy import upstream as upstream_module
+from streamproxy.config import UpstreamConfig
 from tests import client
 from tests.rawserver import raw_server, read_request
 
@@ -168,3 +169,30 @@ def test_bytes_after_the_response_are_not_relayed(start_proxy):
     assert first.header(b"content-length") is None
     assert second.complete  # on a new upstream connection, not the spoiled one
     assert upstream.connections == 2
+
+
+def test_the_head_is_handed_on_from_the_read_callback():
+    """`on_head` runs inside the read callback that completed the head, with the body
+    bytes of that read, before the waiting request returns (the relay starts the
+    client's response there, not a loop turn later); HEAD requests get no call."""
+    calls: list[tuple[str, int, bytes]] = []
+
+    async def run(url: str) -> None:
+        pool = upstream_module.UpstreamPool(UpstreamConfig(name="t", url=url))
+
+        def on_head(response: upstream_module.UpstreamResponse) -> None:
+            calls.append(("head", response.status, response.take_buffered()))
+
+        try:
+            response = await pool.request("POST", b"/x", [], b"{}", on_head)
+            calls.append(("returned", response.status, b""))
+            response.close()
+            response = await pool.request("HEAD", b"/x", [], b"", on_head)
+            calls.append(("returned", response.status, b""))
+            response.close()
+        finally:
+            await pool.aclose()
+
+    with raw_server(serve_many, raw=True) as upstream:
+        asyncio.run(run(upstream.url))
+    assert calls == [("head", 200, b"{}"), ("returned", 200, b""), ("returned", 200, b"")]
