@@ -7,9 +7,11 @@ asyncio Protocol with httptools: 0.28 ms), and every body chunk of the relay wen
 an ASGI message dict, a coroutine `send()` and a wake-up of the relay's task. Here the
 relay writes each chunk from inside the upstream connection's read callback.
 
-- `ClientConnection` is an `asyncio.Protocol`: httptools parses the requests, each runs
-  in its own task as `handler(request, response)`, and the connection is kept alive
-  between requests. A pipelined request waits until the response before it has ended.
+- `ClientConnection` is an `asyncio.Protocol`: httptools parses the requests, and
+  `handler(request, response)` is called once a request's head (and whatever of its body
+  came in the same read) is parsed. The handler owns the response until it ends or
+  aborts it (it may start a task to wait for the body). The connection is kept alive
+  between requests; a pipelined request waits until the response before it has ended.
 - `Response` writes straight to the transport: the head (status line and headers), then
   the body framed for the client (chunked for HTTP/1.1, close-delimited for HTTP/1.0, or
   as is under a Content-Length). `end()` finishes it; `abort()` closes the connection
@@ -29,8 +31,8 @@ import http
 import socket
 import traceback
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol, cast
+from collections.abc import Callable
+from typing import Protocol, cast
 from urllib.parse import unquote
 
 import httptools
@@ -46,7 +48,7 @@ from streamproxy.errors import (
 )
 
 Headers = list[tuple[bytes, bytes]]
-Handler = Callable[["Request", "Response"], Awaitable[None]]
+Handler = Callable[["Request", "Response"], None]
 
 log = structlog.get_logger("streamproxy.http")
 
@@ -142,7 +144,7 @@ class Request:
             self.expect_continue = False
             if not self._complete and not self._body_size:
                 conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        while not (self._complete or self._overflow or self._broken):
+        while not self.body_settled:
             if conn.gone:
                 raise ClientDisconnected
             self._waiter = conn.loop.create_future()
@@ -152,6 +154,16 @@ class Request:
                 raise BodyTimeout(f"no request body byte for {BODY_TIMEOUT:g} s") from None
             finally:
                 self._waiter = None
+        return self.take_body()
+
+    @property
+    def body_settled(self) -> bool:
+        """`take_body()` can answer now: the body is all in, too large, or broken."""
+        return self._complete or self._overflow or self._broken
+
+    def take_body(self) -> bytes:
+        """The whole body, once `body_settled`; raises as `read_body` does."""
+        conn = self._conn
         if conn.gone:
             raise ClientDisconnected
         if self._overflow:
@@ -380,9 +392,11 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
+            self._start_queued()
             self._after_upgrade(data[upgrade.args[0] :])
             return
         except httptools.HttpParserError as exc:
+            self._start_queued()
             # An exception in a callback comes out wrapped, the original as its context.
             bad = exc.__context__
             if isinstance(bad, BadHead):
@@ -390,6 +404,9 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self._refuse(400, f"invalid HTTP request: {exc}")
             return
+        # Started after the whole read is parsed, so that a body that came along with
+        # its head is all there: the handler can send the request on at once.
+        self._start_queued()
         # A head arriving piece by piece, or never ending: count every read after the one
         # it began in (that one may hold the end of the previous body), so a head is
         # bounded by MAX_HEAD plus one read.
@@ -517,9 +534,7 @@ class ClientConnection(asyncio.Protocol):
             self.raw_body_left = _upgrade_body_length(self.headers)
         self.parsing = request
         self.queue.append(request)
-        if self.current is None:
-            self._start_next()
-        elif not self.read_paused:
+        if (self.current is not None or len(self.queue) > 1) and not self.read_paused:
             # A pipelined request waits for the one before it; read no further meanwhile
             # (as uvicorn does), so that queued bodies cannot pile up in memory.
             self.read_paused = True
@@ -543,23 +558,21 @@ class ClientConnection(asyncio.Protocol):
 
     # -- requests and responses -----------------------------------------------------
 
-    def _start_next(self) -> None:
-        request = self.queue.popleft()
-        response = Response(self, request)
-        self.current = response
-        self.server.start_task(self._run(request, response))
-
-    async def _run(self, request: Request, response: Response) -> None:
-        try:
-            await self.server.handler(request, response)
-        except Exception as exc:  # a bug in the handler must not leave the client hanging
-            trace = "".join(traceback.format_exception(exc))
-            log.error("request failed", error=repr(exc), traceback=trace)
-            if not response.started and not self.gone:
-                response.start(500, [(b"content-length", b"0")])
-                response.end()
-        finally:
-            response.abort()  # a no-op after end(): a handler that did not end it failed
+    def _start_queued(self) -> None:
+        """Hand the next parsed request to the handler, unless one is being answered."""
+        if self.current is None and self.queue and self.transport is not None:
+            request = self.queue.popleft()
+            response = Response(self, request)
+            self.current = response
+            try:
+                self.server.handler(request, response)
+            except Exception as exc:  # a bug in the handler must not leave the client hanging
+                trace = "".join(traceback.format_exception(exc))
+                log.error("request failed", error=repr(exc), traceback=trace)
+                if not response.started and not self.gone:
+                    response.start(500, [(b"content-length", b"0")])
+                    response.end()
+                response.abort()  # a no-op after end()
 
     def response_done(self, response: Response) -> None:
         """The response is complete (or cut): on to the next request, or close."""
@@ -589,7 +602,9 @@ class ClientConnection(asyncio.Protocol):
             self.read_paused = False
             transport.resume_reading()
         if self.queue:
-            self._start_next()
+            # A pipelined request: started from the loop, not from inside the callback
+            # that ended this response (which may be an upstream connection's read).
+            self.loop.call_soon(self._start_queued)
         else:
             self._arm_idle_timer()
 
@@ -702,7 +717,6 @@ class ProxyServer:
         self.loop = asyncio.get_running_loop()
         self.servers: list[asyncio.Server] = []
         self.connections: set[ClientConnection] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False
 
     async def start(self, sockets: list[socket.socket], backlog: int = 4096) -> None:
@@ -711,13 +725,6 @@ class ProxyServer:
                 lambda: ClientConnection(self), sock=sock, backlog=backlog
             )
             self.servers.append(server)
-
-    def start_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        # Started from protocol callbacks, owned here (as uvicorn's server owns its tasks):
-        # `shutdown()` cancels whatever is left.
-        task = self.loop.create_task(coroutine)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
 
     def stop_accepting(self) -> None:
         """Close the listeners (new connections are refused) and the idle connections;
@@ -728,16 +735,10 @@ class ProxyServer:
         for conn in list(self.connections):
             conn.close_if_idle()
 
-    async def shutdown(self, grace: float = 1.0) -> None:
-        """After the drain: give request tasks `grace` seconds, cancel the rest, close
-        every connection."""
+    async def shutdown(self) -> None:
+        """After the drain: close every connection (what is still answered sees its
+        client leave) and the listeners."""
         self.stop_accepting()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=grace)
-        for task in list(self.tasks):
-            task.cancel()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=grace)
         for conn in list(self.connections):
             conn.abort()
         for server in self.servers:

@@ -2,20 +2,25 @@
 
 Theory of operation
 -------------------
-1. Route the raw path (longest `path_prefix`), read the request body up to the limit,
-   send it upstream (upstream.py) and wait for the response head. Failures before the
-   response starts become a JSON error in the SDK's shape (502/504/4xx).
-2. Send the response head, with any body bytes that came along with it, in one write.
-   Then a `Pump` takes the body from inside the upstream connection's read callback:
-   each network read is written to the client at once (http1.py frames it) and only
-   then observed (scanner, token timings). No task, future or queue per chunk: the
-   exchange's task sleeps on one future until the body ends.
+Everything is a callback on one event loop; a task runs only for what must wait.
+
+1. The request head is in (http1.py calls `ProxyApp.handle`). Route the raw path
+   (longest `path_prefix`). If the body came along and an idle pooled upstream
+   connection is at hand, the request goes upstream in this same call; a body still
+   arriving, a new connection or the early commit take a task (`_open_slowly`).
+   Failures before the response starts become a JSON error in the SDK's shape.
+2. The upstream connection's read callback that completes the response head calls
+   `head_received`: the response head goes out there, with any body bytes that came
+   along, in one write. Then a `Pump` takes the body from inside that connection's
+   read callbacks: each network read is written to the client at once (http1.py frames
+   it) and only then observed (scanner, token timings). No task, future or queue per
+   chunk, nor per request on the common path.
 3. Backpressure: when the client's transport passes its high-water mark the pump stops
    reading the upstream, and resumes once the client has caught up, so a slow client
    holds at most the transports' buffers.
-4. A client that leaves is reported from its connection's `connection_lost`: the pump
-   closes the upstream connection right there. Before the response starts, the
-   exchange's task is cancelled instead, which closes the upstream connection too.
+4. A client that leaves is reported from its connection's `connection_lost`: the pump,
+   or the exchange waiting for the head, closes the upstream connection right there
+   (a task waiting instead is cancelled, which closes it too).
 5. Keepalive, for identity-encoded SSE: one TimerHandle per stream checks for silence
    and writes the comment itself. Every write is a callback on one event loop, so a
    comment can only land between two chunks, where the scanner (fed after each write)
@@ -24,8 +29,8 @@ Theory of operation
    timeout, drain abort) sends the contract's SSE error event if the stream stands at an
    event boundary, then closes the connection without the chunked terminator, so every
    client sees a broken stream.
-7. Account exactly once: the observer's record goes to metrics and one access-log line,
-   before the client sees the end.
+7. Account exactly once (`_finish`): the observer's record goes to metrics and one
+   access-log line, before the client sees the end.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ import itertools
 import os
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any
 
 import structlog
 
@@ -54,7 +60,7 @@ from streamproxy.errors import (
     json_error_body,
     sse_error_frame,
 )
-from streamproxy.http1 import Request, Response
+from streamproxy.http1 import Headers, Request, Response
 from streamproxy.keepalive import SLACK, KeepaliveTimer, comment_line
 from streamproxy.metrics import GapRecorder, Metrics
 from streamproxy.observer import Outcome, StreamObserver, body_kind
@@ -86,9 +92,33 @@ class ProxyApp:
         self.max_body = config.limits.max_request_body
         self.metrics = metrics
         self.active: set[Exchange] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # the exchanges that had to wait
+        self._idle: list[asyncio.Future[None]] = []  # wait_idle()'s
 
-    async def handle(self, request: Request, response: Response) -> None:
-        await Exchange(self, request, response).run()
+    def handle(self, request: Request, response: Response) -> None:
+        """The http1 server's handler, called as the request head is in."""
+        Exchange(self, request, response).start()
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        self.active.discard(exchange)
+        if not self.active:
+            for waiter in self._idle:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._idle.clear()
+
+    async def wait_idle(self) -> None:
+        """Return once no request is in flight."""
+        if self.active:
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle.append(waiter)
+            await waiter
 
     def abort_all(self, message: str) -> int:
         """End every request in flight as an upstream failure (the drain timeout ran
@@ -98,7 +128,14 @@ class ProxyApp:
             exchange.abort(ProxyShuttingDown(message))
         return len(exchanges)
 
-    async def aclose(self) -> None:
+    async def aclose(self, grace: float = 1.0) -> None:
+        """Cancel the tasks still running (after `grace` seconds), close the pools."""
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=grace)
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=grace)
         for pool in self.pools.values():
             await pool.aclose()
 
@@ -108,16 +145,18 @@ Ended = UpstreamError | ClientDisconnected | None  # how a pump's body ended; No
 
 class Pump:
     """Moves one response body from the upstream to the client, called by the upstream
-    connection (`upstream.BodySink`). `done` resolves once: None for a clean end, else
-    what ended it (an UpstreamError, ProxyShuttingDown among them, or ClientDisconnected)."""
+    connection (`upstream.BodySink`). `on_done` is called once: with None for a clean end,
+    else with what ended it (an UpstreamError, ProxyShuttingDown among them, or
+    ClientDisconnected)."""
 
     __slots__ = (
-        "done",
+        "ended",
         "interval",
         "last_write",
         "line",
         "observer",
         "observing",
+        "on_done",
         "on_keepalive",
         "request_id",
         "response",
@@ -131,6 +170,7 @@ class Pump:
         upstream: UpstreamResponse,
         observer: StreamObserver,
         on_keepalive: Callable[[], None],
+        on_done: Callable[[Ended], None],
         line: bytes,
         interval: float,
         request_id: str,
@@ -147,7 +187,8 @@ class Pump:
         self.interval = interval
         self.last_write = clock()
         self.timer: KeepaliveTimer | None = None
-        self.done: asyncio.Future[Ended] = asyncio.get_running_loop().create_future()
+        self.on_done = on_done
+        self.ended = False
 
     # -- upstream.BodySink -----------------------------------------------------------
 
@@ -214,24 +255,30 @@ class Pump:
 
     def _finish(self, result: Ended) -> None:
         self.stop_timer()
-        if not self.done.done():
-            self.done.set_result(result)
+        if not self.ended:
+            self.ended = True
+            self.on_done(result)
 
 
 class Exchange:
-    """One request and its response. State flags are explicit, as in uvicorn's
-    RequestResponseCycle; the outcome is decided once, by `_account()`. It is also the
-    response's listener (http1.ResponseListener): client gone, writing paused, resumed."""
+    """One request and its response, driven by callbacks: `start` when the request head
+    is in, the upstream connection's `head_received`/`head_failed`, the pump's end, and
+    the client connection's (http1.ResponseListener). A task runs only what must wait: a
+    request body still arriving, a new upstream connection, the early commit. State flags
+    are explicit, as in uvicorn's RequestResponseCycle; the outcome is decided once, by
+    `_finish()`."""
 
     __slots__ = (
         "accounted",
         "api",
         "app",
         "arrived",
+        "body",
         "can_frame_error",
         "client_left",
         "committed",
         "error",
+        "finished",
         "gaps",
         "head_failure",
         "interrupt_absorbed",
@@ -244,8 +291,11 @@ class Exchange:
         "request",
         "request_id",
         "response",
+        "route",
         "status",
+        "streaming",
         "task",
+        "upstream",
         "upstream_answered",
         "upstream_name",
         "wants_stream",
@@ -271,52 +321,82 @@ class Exchange:
         self.interrupted = False  # this exchange's task was cancelled by _interrupt()
         self.interrupt_absorbed = False
         self.accounted = False
+        self.finished = False
         self.wants_stream = False
         self.upstream_answered = False
         self.committed = False  # 200 + SSE headers sent before the upstream answered
         self.can_frame_error = False  # a failure mid-body can be sent as an SSE error event
-        self.head_failure: Exception | None = None  # a bug in `_on_upstream_head`
-        self.task: asyncio.Task[object] | None = None  # the task running this exchange
+        self.streaming = False  # counted in streams_active
+        self.head_failure: Exception | None = None  # a bug in head_received, for the task
+        self.task: asyncio.Task[None] | None = None  # while one runs for this exchange
         self.gaps: GapRecorder | None = None  # inter-token gaps, flushed to the ITL histogram
+        # Sent without a task, waiting for the head: kept for a retry on a new connection.
+        self.route: Route | None = None
+        self.body = b""
+        self.upstream: UpstreamResponse | None = None
 
     # -- the request ---------------------------------------------------------------
 
-    async def run(self) -> None:
+    def start(self) -> None:
+        """The request head is in (and its body, if it came along). A request whose body
+        is all here goes upstream in this call on an idle pooled connection: no task, no
+        loop turn before it is sent."""
         self.request_id = self._request_id()
-        structlog.contextvars.bind_contextvars(request_id=self.request_id)
-        self.task = asyncio.current_task()
         self.app.active.add(self)
-        outcome: Outcome = "upstream_error"  # if anything unforeseen escapes below
+        request = self.request
         try:
-            outcome = await self._serve()
+            route = self._route()
+            self._check_length()
+            if not request.body_settled or request.expect_continue:
+                self._spawn(self._open_slowly(route))
+                return
+            body = request.take_body()
+        except ProxyError as exc:
+            self._finish(self._send_error_response(exc))
+            return
+        self._begin_upstream(route, body)
+        if self._commits_early():
+            self._spawn(self._open_slowly(route, body))
+            return
+        self.route, self.body = route, body
+        pool = self.app.pools[route.upstream.name]
+        target, headers = self._upstream_request(route, body)
+        self.upstream = pool.send(self.method, target, headers, body, self)
+        if self.upstream is None:  # no idle connection: connecting takes a task
+            self._retry_on_new_connection()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        self.task = self.app.spawn(coroutine)
+
+    async def _open_slowly(self, route: Route, body: bytes | None = None) -> None:
+        """The task for whatever must wait before the request can go upstream: its body,
+        a new connection, or the early commit's keepalive comments."""
+        structlog.contextvars.bind_contextvars(request_id=self.request_id)
+        outcome: Outcome | None = "upstream_error"  # if anything unforeseen escapes below
+        try:
+            outcome = await self._open_and_relay(route, body)
         except ClientDisconnected:
             outcome = "client_disconnect"
         except asyncio.CancelledError:
             if not self._uncancel_interrupt():
+                self._finish(outcome or "upstream_error")
                 raise
             if self.client_left:
                 outcome = "client_disconnect"
             elif self.error is not None:  # the drain ended it before the response began
                 outcome = self._send_error_response(self.error)
+        except Exception as exc:  # a bug must not leave the client hanging
+            outcome = self._fail_on_bug(exc)
         finally:
-            self.app.active.discard(self)
-            self._account(outcome)
-            # Break the reference cycles (response <-> listener, pump <-> its callbacks):
-            # refcounting then frees the whole exchange at once, without the cyclic GC,
-            # whose pauses grow with the garbage it has to find.
-            self.response.listener = None
-            self.pump = None
             self.task = None
+        if outcome is not None:  # else the pump runs: its end finishes the exchange
+            self._finish(outcome)
 
-    async def _serve(self) -> Outcome:
+    async def _open_and_relay(self, route: Route, body: bytes | None) -> Outcome | None:
         try:
-            route = self._route()
-            body = await self._read_body()
-        except ProxyError as exc:
-            return self._send_error_response(exc)
-        accept = hdrs.get(self.request.headers, b"accept")
-        self.wants_stream = wants_stream(self.api, self.path, accept, body)
-        try:
+            if body is None:
+                body = await self.request.read_body()
+                self._begin_upstream(route, body)
             if self._commits_early():
                 upstream = await self._open_committing_early(route, body)
             else:
@@ -324,6 +404,12 @@ class Exchange:
         except ProxyError as exc:
             return self._send_error_response(exc)
         return await self._relay(upstream)
+
+    def _retry_on_new_connection(self) -> None:
+        route, body = self.route, self.body
+        assert route is not None
+        self.route, self.body, self.upstream = None, b"", None
+        self._spawn(self._open_slowly(route, body))
 
     def _request_id(self) -> str:
         value: bytes | None = hdrs.get(self.request.headers, b"x-request-id")
@@ -339,15 +425,18 @@ class Exchange:
         self.api = detect_api(self.path)
         return route
 
-    async def _read_body(self) -> bytes:
+    def _check_length(self) -> None:
         limit = self.app.max_body
         length = hdrs.get(self.request.headers, b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise BodyTooLarge(f"request body over the {limit}-byte limit")
-        return await self.request.read_body()
 
-    async def _open_upstream(self, route: Route, body: bytes) -> UpstreamResponse:
+    def _begin_upstream(self, route: Route, body: bytes) -> None:
+        accept = hdrs.get(self.request.headers, b"accept")
+        self.wants_stream = wants_stream(self.api, self.path, accept, body)
         self.model = request_model(self.api, self.path, body)
+
+    def _upstream_request(self, route: Route, body: bytes) -> tuple[bytes, Headers]:
         request = self.request
         headers = hdrs.request_headers(request.headers, request.client, "http")
         if self._commits_early():
@@ -356,21 +445,39 @@ class Exchange:
             headers = [(name, value) for name, value in headers if name != b"accept-encoding"]
         if route.credential is not None:
             headers = hdrs.with_credential(headers, route.credential)
-        target = route.target(request.raw_path, request.query)
-        pool = self.app.pools[route.upstream.name]
-        on_head = None if self._commits_early() else self._on_upstream_head
-        return await pool.request(self.method, target, headers, body, on_head)
+        return route.target(request.raw_path, request.query), headers
 
-    def _on_upstream_head(self, upstream: UpstreamResponse) -> None:
-        """The upstream connection's call when the response head is in: the client's
-        response starts in that same read callback, not a loop turn later when this
-        exchange's task wakes (under load, a turn of the loop is milliseconds of TTFB)."""
-        if self.client_left or self.interrupted:
-            return  # the task, cancelled, ends the exchange
+    async def _open_upstream(self, route: Route, body: bytes) -> UpstreamResponse:
+        target, headers = self._upstream_request(route, body)
+        pool = self.app.pools[route.upstream.name]
+        listener = None if self._commits_early() else self
+        return await pool.request(self.method, target, headers, body, listener)
+
+    # -- upstream.HeadListener --------------------------------------------------------
+
+    def head_received(self, upstream: UpstreamResponse) -> None:
+        """The response head is in: the client's response starts in this very read
+        callback (under load, a turn of the loop is milliseconds of TTFB)."""
+        self.route, self.body, self.upstream = None, b"", None
+        if self.client_left or self.interrupted or self.finished:
+            upstream.close()
+            return  # cancelled, the task ends the exchange
         try:
             self._start_relay(upstream)
-        except Exception as exc:  # a bug: raised again in the task (http1 answers 500)
-            self.head_failure = exc
+        except Exception as exc:
+            upstream.close()
+            if self.task is None:
+                self._finish(self._fail_on_bug(exc))
+            else:  # the task waiting for this head raises it
+                self.head_failure = exc
+
+    def head_failed(self, error: UpstreamError, retryable: bool) -> None:
+        """Sent without a task, the request failed before any head."""
+        if retryable:
+            self._retry_on_new_connection()
+            return
+        self.route, self.body, self.upstream = None, b"", None
+        self._finish(self._send_error_response(error))
 
     # -- http1.ResponseListener -----------------------------------------------------
 
@@ -378,8 +485,12 @@ class Exchange:
         self.client_left = True
         if self.pump is not None:
             self.pump.stop(ClientDisconnected())
-        else:
+        elif self.task is not None:
             self._interrupt()
+        elif self.upstream is not None:  # waiting for the head: the upstream request ends
+            self.upstream.close()
+            self.upstream = None
+            self._finish("client_disconnect")
 
     def pause_writing(self) -> None:
         if self.pump is not None:
@@ -442,25 +553,28 @@ class Exchange:
 
     # -- the response --------------------------------------------------------------
 
-    async def _relay(self, upstream: UpstreamResponse) -> Outcome:
-        try:
-            if self.head_failure is not None:
-                raise self.head_failure.with_traceback(None)
-            if self.pump is None:  # not started from the head's callback
-                if self.committed:  # the client has its 200 already: that is its status
-                    if upstream.status >= 400:
-                        return await self._frame_upstream_error_status(upstream)
-                    encoding = hdrs.get(upstream.headers, b"content-encoding")
-                    if encoding not in (None, b"identity"):
-                        return self._send_error_response(
-                            UpstreamProtocolError(
-                                "upstream sent an encoded body after the early 200"
-                            )
-                        )
-                self._start_relay(upstream)
-            return await self._stream()
-        finally:
+    async def _relay(self, upstream: UpstreamResponse) -> Outcome | None:
+        """The task's part once the head is in (None: the pump runs, and its end finishes
+        the exchange). Usually `head_received` has started the relay already."""
+        if self.head_failure is not None:
             upstream.close()
+            raise self.head_failure.with_traceback(None)
+        if self.upstream_answered:  # by head_received: the pump runs, or has ended
+            return None
+        try:
+            if self.committed:  # the client has its 200 already: that is its status
+                if upstream.status >= 400:
+                    return await self._frame_upstream_error_status(upstream)
+                encoding = hdrs.get(upstream.headers, b"content-encoding")
+                if encoding not in (None, b"identity"):
+                    return self._send_error_response(
+                        UpstreamProtocolError("upstream sent an encoded body after the early 200")
+                    )
+            self._start_relay(upstream)
+        finally:
+            if self.pump is None:
+                upstream.close()
+        return None
 
     def _start_relay(self, upstream: UpstreamResponse) -> None:
         """Send the response head with the body bytes that came along, in one write, and
@@ -484,6 +598,7 @@ class Exchange:
             upstream,
             observer,
             self._count_keepalive,
+            self._body_ended,
             self.app.keepalive_line,
             keepalive.interval,
             self.request_id,
@@ -496,27 +611,28 @@ class Exchange:
         if first:
             pump.last_write = now = clock()
             pump.observe(first, now)
+        if kind != "none":
+            self.streaming = True
+            self.app.metrics.child("streams_active", self.upstream_name).inc()
         self.pump = pump
-        upstream.attach(pump)  # the body may already be complete: then `done` is too
+        upstream.attach(pump)  # the body may be complete already: then it has ended too
+        if pump.ended:
+            return
         if self.response.paused:  # the client fell behind before the pump existed
             pump.pause_writing()
-        if insertable and keepalive.interval > 0 and not pump.done.done():
+        if insertable and keepalive.interval > 0 and not pump.ended:
             pump.start_keepalive()
 
-    async def _stream(self) -> Outcome:
+    def _body_ended(self, ended: Ended) -> None:
+        """The pump's end (a clean one, or what ended it)."""
         pump = self.pump
         assert pump is not None
-        streamed = self.observer.kind != "none"
-        active = self.app.metrics.child("streams_active", self.upstream_name)
-        if streamed:
-            active.inc()
-        try:
-            ended = await pump.done
-        finally:
-            pump.stop_timer()
-            if streamed:
-                active.dec()
-        return self._end_stream(pump, ended, self.can_frame_error)
+        if self.streaming:
+            self.streaming = False
+            self.app.metrics.child("streams_active", self.upstream_name).dec()
+        outcome = self._end_stream(pump, ended, self.can_frame_error)
+        pump.upstream.close()
+        self._finish(outcome)
 
     def _end_stream(self, pump: Pump, ended: Ended, can_frame_error: bool) -> Outcome:
         observer = self.observer
@@ -542,12 +658,19 @@ class Exchange:
 
     def abort(self, error: UpstreamError) -> None:
         """End this stream as an upstream failure (used by the drain on shutdown)."""
+        if self.finished:
+            return
         if self.pump is not None:
             self.pump.stop(error)
             return
         if self.error is None:
             self.error = error
-        self._interrupt()
+        if self.task is not None:
+            self._interrupt()
+        elif self.upstream is not None:  # sent without a task, waiting for the head
+            self.upstream.close()
+            self.upstream = None
+            self._finish(self._send_error_response(error))
 
     def _interrupt(self) -> None:
         if not self.interrupted and self.task is not None:
@@ -582,6 +705,35 @@ class Exchange:
         self.response.start(exc.status, headers, body)
         self.response.end()
         return outcome
+
+    def _fail_on_bug(self, exc: Exception) -> Outcome:
+        """A bug in the relay: logged, and the client gets a 500 or a cut stream."""
+        log.error(
+            "request failed",
+            request_id=self.request_id,
+            error=repr(exc),
+            traceback="".join(traceback.format_exception(exc)),
+        )
+        if not self.response.started and not self.client_left:
+            self.status = 500
+            self._account("upstream_error")
+            self.response.start(500, [(b"content-length", b"0")])
+            self.response.end()
+        return "upstream_error"
+
+    def _finish(self, outcome: Outcome) -> None:
+        """The exchange is over: account it (once), cut a response nobody ended, and
+        break the reference cycles (response <-> listener, pump <-> its callbacks), so
+        that refcounting frees the whole exchange at once, without the cyclic GC."""
+        if self.finished:
+            return
+        self.finished = True
+        self._account(outcome)
+        self.response.abort()  # a no-op after end()
+        self.response.listener = None
+        self.pump = None
+        self.upstream = None
+        self.app.exchange_done(self)
 
     # -- accounting ----------------------------------------------------------------
 

@@ -159,8 +159,8 @@ async def serve(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await proxy.shutdown(SHUTDOWN_GRACE)
-        await app.aclose()
+        await proxy.shutdown()
+        await app.aclose(SHUTDOWN_GRACE)
         for listener in listeners:
             listener.close()
     log.info("stopped")
@@ -187,17 +187,16 @@ async def _drain(proxy: ProxyServer, app: Any, seconds: float) -> None:
     """Stop accepting, let the requests in flight finish for up to `seconds`, then end
     the rest as failures."""
     proxy.stop_accepting()
-    deadline = asyncio.get_running_loop().time() + seconds
-    while proxy.tasks:
-        left = deadline - asyncio.get_running_loop().time()
-        if left <= 0:
-            break
-        await asyncio.wait(list(proxy.tasks), timeout=left)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await app.wait_idle()
+            return
     aborted = app.abort_all("streamproxy is shutting down (drain timeout reached)")
     if aborted:
         log.warning("drain timeout reached", aborted_requests=aborted)
-    if proxy.tasks:
-        await asyncio.wait(list(proxy.tasks), timeout=SHUTDOWN_GRACE)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(SHUTDOWN_GRACE):
+            await app.wait_idle()
 
 
 def run_event_loop(main: Any) -> None:

@@ -7,10 +7,12 @@ h11's pure-Python chunked parser: ~200 µs of CPU per relayed event against ngin
 This client keeps the same promises with one C parser and no layers:
 
 - `UpstreamConnection` is an `asyncio.BufferedProtocol`: each read lands in the pool's
-  buffer and `buffer_updated` feeds llhttp. Until the response head is complete, a task
-  waits for it (`UpstreamPool.request`). The body then goes to a `BodySink` (the relay's
-  pump) from inside that callback, one call per network read, without a task or a
-  future per chunk; `read()` pulls a body instead (small error bodies). Unread pieces
+  buffer and `buffer_updated` feeds llhttp. The response head, or what failed before
+  it, goes to a `HeadListener` from the read callback (`UpstreamPool.send`, on an idle
+  connection, needs no task; `request()` awaits it, connecting if need be). The body
+  then goes to a `BodySink` (the relay's pump) from inside the read callbacks, one call
+  per network read, without a task or a future per chunk; `read()` pulls a body
+  instead (small error bodies). Unread pieces
   pause the socket once 64 KiB wait: backpressure reaches the upstream's TCP window.
 - Bodies are never decoded: the sink gets the bytes of the HTTP message body exactly
   (chunked framing removed, Content-Encoding untouched).
@@ -27,10 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol, cast
 from urllib.parse import urlsplit
 
@@ -68,6 +69,16 @@ HIGH_WATER = 64 * 1024
 READ_SIZE = 32 * 1024
 
 
+class HeadListener(Protocol):
+    """Who waits for a response head (called from the connection's callbacks): exactly
+    one of `head_received`, or `head_failed` with what went wrong before the head;
+    `retryable` if the request went out on a reused connection the server had closed,
+    before any byte of answer (it may be sent again on a new one)."""
+
+    def head_received(self, response: UpstreamResponse) -> None: ...
+    def head_failed(self, error: UpstreamError, retryable: bool) -> None: ...
+
+
 class BodySink(Protocol):
     """Where a response body goes as it arrives (called from the connection's callbacks):
     `on_body` per network read, then exactly one of `on_end` or `on_error`."""
@@ -93,18 +104,21 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         "closed",
         "error",
         "got_bytes",
+        "head_request",
         "head_size",
         "headers",
         "headers_done",
         "idle_since",
         "keep_alive",
         "last_data",
+        "listener",
         "loop",
         "message_done",
-        "on_head",
         "parser",
         "paused",
+        "pending",
         "pieces",
+        "reused",
         "silence_timer",
         "sink",
         "status",
@@ -140,7 +154,11 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.paused = False  # reading paused: unread pieces, or a slow client
         self.silence_timer: asyncio.TimerHandle | None = None
         self.sink: BodySink | None = None
-        self.on_head: Callable[[], None] | None = None  # called once the response head is in
+        # Waiting for the head: who is told, and of which response.
+        self.listener: HeadListener | None = None
+        self.pending: UpstreamResponse | None = None
+        self.reused = False  # the request went out on a connection used before
+        self.head_request = False  # a HEAD request: no body follows the head
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -170,7 +188,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamProtocolError("upstream switched protocols"))
             return
-        if self.on_head is not None and self.headers_done:
+        if self.listener is not None and self.headers_done:
             self._head_arrived()
         if self.sink is not None:
             self.deliver()
@@ -187,12 +205,23 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             self.loop.call_soon(self._read_on)
 
     def _head_arrived(self) -> None:
-        """Hand the complete head on in this very callback (the relay starts its response,
-        and may attach its sink), then wake the task waiting for it."""
-        on_head, self.on_head = self.on_head, None
-        assert on_head is not None
-        on_head()
-        self._wake()
+        """Hand the complete head on in this very callback: the relay starts its response
+        here, and may attach its sink."""
+        listener, response = self.listener, self.pending
+        self.listener = self.pending = None  # told once; and no cycle left
+        assert listener is not None
+        assert response is not None
+        if self.head_request:  # no body follows, whatever the headers say; don't reuse
+            self.message_done = True
+            self.closed = True
+        listener.head_received(response)
+
+    def _head_failed(self) -> None:
+        listener, error = self.listener, self.error
+        self.listener = self.pending = None
+        assert listener is not None
+        assert error is not None
+        listener.head_failed(error, self.reused and not self.got_bytes)
 
     def _read_on(self) -> None:
         if self.yielded:
@@ -288,6 +317,10 @@ class UpstreamConnection(asyncio.BufferedProtocol):
     def _notify(self) -> None:
         if self.sink is not None:
             self.deliver()
+        elif self.listener is not None and self.headers_done:
+            self._head_arrived()  # a whole response, then an error (extra bytes, a close)
+        elif self.listener is not None and self.error is not None:
+            self._head_failed()
         else:
             self._wake()
 
@@ -332,7 +365,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         if self.message_done or self.error is not None:
             self.silence_timer = None
             return
-        if self.paused or (self.sink is None and self.waiter is None):
+        if self.paused or (self.sink is None and self.waiter is None and self.listener is None):
             # We are not waiting for the upstream (the client is slow): not its silence.
             deadline = now + timeout
         else:
@@ -416,6 +449,7 @@ class UpstreamResponse:
         self._closed = True
         conn = self._conn
         conn.sink = None
+        conn.listener = conn.pending = None
         conn.stop_silence_timer()
         if conn.message_done and not conn.pieces and conn.error is None:
             conn.resume_reading()  # idle in the pool, it must see the server's close
@@ -444,28 +478,64 @@ class UpstreamPool:
         # open streams hold 32 KiB, not 32 MiB. (A pool belongs to one event loop.)
         self.read_buffer = memoryview(bytearray(READ_SIZE))
 
+    def send(
+        self,
+        method: str,
+        target: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        listener: HeadListener,
+    ) -> UpstreamResponse | None:
+        """Send a request in this call, on an idle connection: its head, or what failed
+        before it, reaches `listener` from the connection's read callback. None if no
+        idle connection is at hand (then `await request()`, which connects)."""
+        conn = self._take_idle()
+        if conn is None:
+            return None
+        head = _request_head(method, target, self.host_header, headers, len(body))
+        return self._send(conn, method, head, body, listener, reused=True)
+
     async def request(
         self,
         method: str,
         target: bytes,
         headers: Sequence[tuple[bytes, bytes]],
         body: bytes,
-        on_head: Callable[[UpstreamResponse], None] | None = None,
+        listener: HeadListener | None = None,
     ) -> UpstreamResponse:
         """Send a request and wait for the response head. A reused connection the server
-        had already closed (no byte of answer) is retried once on a fresh one.
-
-        `on_head`, if given, is called with the response from inside the read callback
-        that completed its head, before this returns (not for HEAD requests)."""
+        had already closed (no byte of answer) is retried once on a fresh one. `listener`,
+        if given, gets the head from the read callback that completed it, before this
+        returns (failures are raised here instead)."""
         head = _request_head(method, target, self.host_header, headers, len(body))
-        if method == "HEAD":
-            on_head = None  # the connection must learn first that no body follows
         conn = self._take_idle()
         if conn is not None:
             with contextlib.suppress(_StaleConnection):
-                return await self._exchange(conn, method, head, body, True, on_head)
+                return await self._exchange(conn, method, head, body, True, listener)
         conn = await self._connect()
-        return await self._exchange(conn, method, head, body, False, on_head)
+        return await self._exchange(conn, method, head, body, False, listener)
+
+    def _send(
+        self,
+        conn: UpstreamConnection,
+        method: str,
+        head: bytes,
+        body: bytes,
+        listener: HeadListener,
+        reused: bool,
+    ) -> UpstreamResponse:
+        assert conn.transport is not None
+        conn.reset()
+        response = UpstreamResponse(self, conn)
+        conn.listener = listener
+        conn.pending = response
+        conn.reused = reused
+        conn.head_request = method == "HEAD"
+        conn.start_silence_timer(self.read_timeout)
+        conn.transport.write(head + body if len(body) < 65536 else head)
+        if len(body) >= 65536:
+            conn.transport.write(body)
+        return response
 
     async def _exchange(
         self,
@@ -474,32 +544,27 @@ class UpstreamPool:
         head: bytes,
         body: bytes,
         reused: bool,
-        on_head: Callable[[UpstreamResponse], None] | None,
+        listener: HeadListener | None,
     ) -> UpstreamResponse:
-        assert conn.transport is not None
-        conn.reset()
-        response = UpstreamResponse(self, conn)
-        if on_head is not None:
-            conn.on_head = functools.partial(on_head, response)
-        conn.start_silence_timer(self.read_timeout)
-        conn.transport.write(head + body if len(body) < 65536 else head)
-        if len(body) >= 65536:
-            conn.transport.write(body)
+        waiter = _HeadWaiter(conn.loop, listener)
+        response = self._send(conn, method, head, body, waiter, reused)
         try:
-            while not conn.headers_done:
-                if conn.error is not None:
-                    if reused and not conn.got_bytes:
-                        raise _StaleConnection
-                    raise conn.error
-                await conn.wait()
+            retryable = await waiter.future
         except BaseException:
-            conn.abort()
+            # Cancelled while waiting for the head: this request ends, and its connection
+            # (once the head is in, the relay owns the connection, which may even be in
+            # the pool again by now).
+            if conn.listener is waiter:
+                conn.abort()
+                conn.listener = conn.pending = None  # no cycle left
             raise
-        finally:
-            conn.on_head = None  # called already, or never will be: no cycle left
-        if method == "HEAD":  # no body follows, whatever the headers say; don't reuse
-            conn.message_done = True
-            conn.closed = True
+        if retryable is not None:  # the head failed
+            error = conn.error
+            assert error is not None
+            conn.abort()
+            if retryable:
+                raise _StaleConnection
+            raise error
         return response
 
     def _take_idle(self) -> UpstreamConnection | None:
@@ -567,6 +632,28 @@ class UpstreamPool:
 
 class _StaleConnection(Exception):
     """A reused connection was closed by the server before it answered."""
+
+
+class _HeadWaiter:
+    """The HeadListener of `UpstreamPool.request`: the head or its failure resolves
+    `future` (None for a head, else whether the failure may be retried); a head is also
+    passed on to the caller's listener, from the read callback."""
+
+    __slots__ = ("future", "listener")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, listener: HeadListener | None) -> None:
+        self.future: asyncio.Future[bool | None] = loop.create_future()
+        self.listener = listener
+
+    def head_received(self, response: UpstreamResponse) -> None:
+        if self.listener is not None:
+            self.listener.head_received(response)
+        if not self.future.done():
+            self.future.set_result(None)
+
+    def head_failed(self, error: UpstreamError, retryable: bool) -> None:
+        if not self.future.done():
+            self.future.set_result(retryable)
 
 
 def _request_head(

@@ -97,7 +97,7 @@ def serve_proxy(
         stopping.append(lambda: server.loop.call_soon_threadsafe(stop.set))
         started.set()
         await stop.wait()
-        await server.shutdown(grace=1.0)
+        await server.shutdown()
         if cleanup is not None:
             await cleanup()
 

@@ -8,6 +8,7 @@ import time
 
 from streamproxy import upstream as upstream_module
 from streamproxy.config import UpstreamConfig
+from streamproxy.errors import UpstreamError
 from tests import client
 from tests.rawserver import raw_server, read_request
 
@@ -172,27 +173,44 @@ def test_bytes_after_the_response_are_not_relayed(start_proxy):
 
 
 def test_the_head_is_handed_on_from_the_read_callback():
-    """`on_head` runs inside the read callback that completed the head, with the body
-    bytes of that read, before the waiting request returns (the relay starts the
-    client's response there, not a loop turn later); HEAD requests get no call."""
+    """The head reaches the listener inside the read callback that completed it, with the
+    body bytes of that read: before an awaited `request()` returns, and, sent with
+    `send()` on an idle connection, with no task at all; a failure before any head
+    reaches the listener too."""
     calls: list[tuple[str, int, bytes]] = []
+
+    class Listener:
+        def head_received(self, response: upstream_module.UpstreamResponse) -> None:
+            calls.append(("head", response.status, response.take_buffered()))
+            response.close()
+
+        def head_failed(self, error: UpstreamError, retryable: bool) -> None:
+            calls.append(("failed", int(retryable), str(error).encode()))
 
     async def run(url: str) -> None:
         pool = upstream_module.UpstreamPool(UpstreamConfig(name="t", url=url))
-
-        def on_head(response: upstream_module.UpstreamResponse) -> None:
-            calls.append(("head", response.status, response.take_buffered()))
-
+        listener = Listener()
         try:
-            response = await pool.request("POST", b"/x", [], b"{}", on_head)
+            response = await pool.request("POST", b"/x", [], b"{}", listener)
             calls.append(("returned", response.status, b""))
-            response.close()
-            response = await pool.request("HEAD", b"/x", [], b"", on_head)
-            calls.append(("returned", response.status, b""))
-            response.close()
+            assert pool.send("POST", b"/x", [], b"{}", listener) is not None  # reused
+            while len(calls) < 3:
+                await asyncio.sleep(0.01)
+            assert pool.send("POST", b"/x", [], b"{}", listener) is not None
+            while len(calls) < 4:  # the third answer is not HTTP
+                await asyncio.sleep(0.01)
+            assert pool.send("POST", b"/x", [], b"{}", listener) is None  # none idle now
         finally:
             await pool.aclose()
 
-    with raw_server(serve_many, raw=True) as upstream:
+    async def garbage_third(reader, writer, state):
+        for answer in (OK, OK, b"NOT HTTP\r\n\r\n"):
+            await read_request(reader)
+            writer.write(answer)
+        await asyncio.sleep(1)
+
+    with raw_server(garbage_third, raw=True) as upstream:
         asyncio.run(run(upstream.url))
-    assert calls == [("head", 200, b"{}"), ("returned", 200, b""), ("returned", 200, b"")]
+    assert calls[:3] == [("head", 200, b"{}"), ("returned", 200, b""), ("head", 200, b"{}")]
+    assert calls[3][:2] == ("failed", 0)
+    assert b"invalid HTTP" in calls[3][2]
