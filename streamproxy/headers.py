@@ -42,12 +42,16 @@ REDACTED = frozenset(
 SSE_CONTENT_TYPE = b"text/event-stream"
 
 
-def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+def _dropped(headers: list[tuple[bytes, bytes]], always: frozenset[bytes]) -> frozenset[bytes]:
+    """`always`, plus the headers a Connection header names (hop-by-hop too)."""
     tokens: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b","))
-    return tokens
+    return always | tokens if tokens else always
+
+
+_REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 
 
 def request_headers(
@@ -60,7 +64,7 @@ def request_headers(
     (set by a load balancer in front) is kept.
     """
     headers = list(headers)
-    drop = HOP_BY_HOP | _connection_tokens(headers) | {b"host", b"content-length", b"expect"}
+    drop = _dropped(headers, _REQUEST_DROP)
     out: Headers = []
     forwarded_for: bytes | None = None
     host: bytes | None = None
@@ -109,7 +113,7 @@ def response_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[Headers, b
     upstream chose a policy.
     """
     headers = list(headers)
-    drop = HOP_BY_HOP | _connection_tokens(headers)
+    drop = _dropped(headers, HOP_BY_HOP)
     out: Headers = []
     is_sse = has_length = has_cache_control = has_accel = False
     for name, value in headers:

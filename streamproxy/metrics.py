@@ -137,21 +137,27 @@ class Metrics:
     ) -> None:
         """Account one finished request. `model` is already capped by `model_label`."""
         child = self.child
-        child("requests", upstream, method, str(status)).inc()
+        count(child("requests", upstream, method, str(status)))
         if rec.ttfb is not None:
             observe(child("ttfb", upstream), rec.ttfb)
         if not rec.streamed:
             return
-        child("streams", upstream, model, rec.outcome).inc()
+        count(child("streams", upstream, model, rec.outcome))
         observe(child("duration", upstream, model, rec.outcome), rec.duration)
         if rec.ttft is not None:
             observe(child("ttft", upstream, model), rec.ttft)
         tokens = rec.output_tokens if rec.output_tokens is not None else rec.token_events
         if tokens:
-            child("output_tokens", upstream, model).inc(tokens)
+            count(child("output_tokens", upstream, model), tokens)
         side = _DROP_SIDE.get(rec.outcome)
         if side is not None:
-            child("dropped", upstream, side, rec.phase).inc()
+            count(child("dropped", upstream, side, rec.phase))
+
+
+def count(child: Any, amount: float = 1) -> None:
+    """`Counter.inc`, without its per-call checks (amount >= 0, an observable child):
+    the same value incremented, in-process or mmap-backed with --workers."""
+    child._value.inc(amount)
 
 
 def observe(child: Any, value: float) -> None:

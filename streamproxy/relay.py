@@ -313,7 +313,7 @@ class Exchange:
         self.api: Api = "unknown"
         self.model: str | None = None
         self.status = 0
-        self.observer = StreamObserver("unknown", "none", self.arrived)
+        self.observer: StreamObserver | None = None  # once the response starts
         self.pump: Pump | None = None
         self.request_id = ""
         self.error: ProxyError | None = None
@@ -354,14 +354,16 @@ class Exchange:
         except ProxyError as exc:
             self._finish(self._send_error_response(exc))
             return
-        self._begin_upstream(route, body)
+        self.wants_stream = self._wants_stream(body)
         if self._commits_early():
+            self.model = request_model(self.api, self.path, body)
             self._spawn(self._open_slowly(route, body))
             return
         self.route, self.body = route, body
         pool = self.app.pools[route.upstream.name]
         target, headers = self._upstream_request(route, body)
         self.upstream = pool.send(self.method, target, headers, body, self)
+        self.model = request_model(self.api, self.path, body)  # not needed to send it
         if self.upstream is None:  # no idle connection: connecting takes a task
             self._retry_on_new_connection()
 
@@ -396,7 +398,8 @@ class Exchange:
         try:
             if body is None:
                 body = await self.request.read_body()
-                self._begin_upstream(route, body)
+                self.wants_stream = self._wants_stream(body)
+                self.model = request_model(self.api, self.path, body)
             if self._commits_early():
                 upstream = await self._open_committing_early(route, body)
             else:
@@ -431,10 +434,9 @@ class Exchange:
         if length is not None and length.isdigit() and int(length) > limit:
             raise BodyTooLarge(f"request body over the {limit}-byte limit")
 
-    def _begin_upstream(self, route: Route, body: bytes) -> None:
+    def _wants_stream(self, body: bytes) -> bool:
         accept = hdrs.get(self.request.headers, b"accept")
-        self.wants_stream = wants_stream(self.api, self.path, accept, body)
-        self.model = request_model(self.api, self.path, body)
+        return wants_stream(self.api, self.path, accept, body)
 
     def _upstream_request(self, route: Route, body: bytes) -> tuple[bytes, Headers]:
         request = self.request
@@ -578,15 +580,20 @@ class Exchange:
 
     def _start_relay(self, upstream: UpstreamResponse) -> None:
         """Send the response head with the body bytes that came along, in one write, and
-        attach the pump that relays the rest."""
+        attach the pump that relays the rest (made after the write: the client's first
+        byte waits for nothing it does not need)."""
         self.upstream_answered = True
         headers, is_sse = hdrs.response_headers(upstream.headers)
+        first = upstream.take_buffered()
+        if self.committed:
+            self.response.write(first)
+        else:
+            self.status = upstream.status
+            self.response.start(self.status, headers, first)
         kind = body_kind(hdrs.get(headers, b"content-type"))
         self.observer = observer = StreamObserver(
             self.api, kind, self.arrived, self._gap_recorder().add
         )
-        if not self.committed:
-            self.status = upstream.status
         # Bytes may be added only to an identity-encoded SSE body framed by chunks: a
         # comment inside gzip corrupts it, and past a Content-Length it is an error.
         identity = hdrs.get(headers, b"content-encoding") in (None, b"identity")
@@ -603,14 +610,8 @@ class Exchange:
             keepalive.interval,
             self.request_id,
         )
-        first = upstream.take_buffered()
-        if self.committed:
-            self.response.write(first)
-        else:
-            self.response.start(self.status, headers, first)
         if first:
-            pump.last_write = now = clock()
-            pump.observe(first, now)
+            pump.observe(first, pump.last_write)
         if kind != "none":
             self.streaming = True
             self.app.metrics.child("streams_active", self.upstream_name).inc()
@@ -635,7 +636,7 @@ class Exchange:
         self._finish(outcome)
 
     def _end_stream(self, pump: Pump, ended: Ended, can_frame_error: bool) -> Outcome:
-        observer = self.observer
+        observer = pump.observer
         if ended is None:
             if pump.observing:
                 observer.on_eof(clock())
@@ -757,10 +758,9 @@ class Exchange:
             self.app.metrics.child("upstream_errors", self.upstream_name, error.reason).inc()
         # A stream request that failed before its response started still counts as a
         # stream, so failure rates include the streams that never began.
-        streamed = self.observer.kind != "none" or (
-            self.wants_stream and not self.upstream_answered
-        )
-        record = self.observer.finish(outcome, clock(), streamed=streamed)
+        observer = self.observer or StreamObserver("unknown", "none", self.arrived)
+        streamed = observer.kind != "none" or (self.wants_stream and not self.upstream_answered)
+        record = observer.finish(outcome, clock(), streamed=streamed)
         model = self.app.metrics.model_label(self.model)
         status = self.status or 499  # nginx's code for "client closed before the response"
         self.app.metrics.record(self.upstream_name, self.method, status, model, record)

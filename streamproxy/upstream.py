@@ -261,11 +261,13 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             return
         self.status = status
         self.headers_done = True
-        names = {name for name, _ in self.headers}
-        self.close_delimited = b"content-length" not in names and not any(
-            name == b"transfer-encoding" and b"chunked" in value.lower()
-            for name, value in self.headers
-        )
+        framed = False  # by a length or by chunks; else the close ends the body
+        for name, value in self.headers:
+            if name == b"content-length" or (
+                name == b"transfer-encoding" and value.lower().find(b"chunked") >= 0
+            ):
+                framed = True
+        self.close_delimited = not framed
 
     def on_body(self, body: bytes) -> None:
         self.pieces.append(body)
