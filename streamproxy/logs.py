@@ -190,7 +190,10 @@ def access_line(
     }
     out = _access.json_out
     if out is None:
-        access_log.info("request", **fields)  # request_id: bound in the exchange's context
+        # Bound here: on the fast path this runs in an upstream connection's callback, in
+        # the context of whichever request opened that connection.
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            access_log.info("request", **fields)
         return
     fields["event"] = "request"
     fields["request_id"] = request_id

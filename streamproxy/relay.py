@@ -36,6 +36,7 @@ Everything is a callback on one event loop; a task runs only for what must wait.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import time
@@ -352,7 +353,7 @@ class Exchange:
                 return
             body = request.take_body()
         except ProxyError as exc:
-            self._finish(self._send_error_response(exc))
+            self._finish(self._answer_error(exc))
             return
         self.wants_stream = self._wants_stream(body)
         if self._commits_early():
@@ -368,7 +369,22 @@ class Exchange:
             self._retry_on_new_connection()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        self.task = self.app.spawn(coroutine)
+        self.task = task = self.app.spawn(coroutine)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        # Cancelled before its first step (_interrupt in the same loop turn as _spawn),
+        # `_open_slowly` never ran, nor its handlers: finish here.
+        if self.task is task:
+            self.task = None
+        if self.finished or not task.cancelled():
+            return
+        if self.client_left:
+            self._finish("client_disconnect")
+        elif self.error is not None:
+            self._finish(self._answer_error(self.error))
+        else:
+            self._finish("upstream_error")
 
     async def _open_slowly(self, route: Route, body: bytes | None = None) -> None:
         """The task for whatever must wait before the request can go upstream: its body,
@@ -479,7 +495,7 @@ class Exchange:
             self._retry_on_new_connection()
             return
         self.route, self.body, self.upstream = None, b"", None
-        self._finish(self._send_error_response(error))
+        self._finish(self._answer_error(error))
 
     # -- http1.ResponseListener -----------------------------------------------------
 
@@ -631,7 +647,10 @@ class Exchange:
         if self.streaming:
             self.streaming = False
             self.app.metrics.child("streams_active", self.upstream_name).dec()
-        outcome = self._end_stream(pump, ended, self.can_frame_error)
+        try:
+            outcome = self._end_stream(pump, ended, self.can_frame_error)
+        except Exception as exc:  # raised in a read callback: nobody else would finish it
+            outcome = self._fail_on_bug(exc)
         pump.upstream.close()
         self._finish(outcome)
 
@@ -707,6 +726,14 @@ class Exchange:
         self.response.end()
         return outcome
 
+    def _answer_error(self, exc: ProxyError) -> Outcome:
+        """`_send_error_response` from a callback, where nothing above would catch a bug
+        (a log stream that broke, say): the exchange must still end."""
+        try:
+            return self._send_error_response(exc)
+        except Exception as bug:
+            return self._fail_on_bug(bug)
+
     def _fail_on_bug(self, exc: Exception) -> Outcome:
         """A bug in the relay: logged, and the client gets a 500 or a cut stream."""
         log.error(
@@ -717,7 +744,8 @@ class Exchange:
         )
         if not self.response.started and not self.client_left:
             self.status = 500
-            self._account("upstream_error")
+            with contextlib.suppress(Exception):  # the access log itself may be what failed
+                self._account("upstream_error")
             self.response.start(500, [(b"content-length", b"0")])
             self.response.end()
         return "upstream_error"
@@ -729,12 +757,14 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        self._account(outcome)
-        self.response.abort()  # a no-op after end()
-        self.response.listener = None
-        self.pump = None
-        self.upstream = None
-        self.app.exchange_done(self)
+        try:
+            self._account(outcome)
+        finally:
+            self.response.abort()  # a no-op after end()
+            self.response.listener = None
+            self.pump = None
+            self.upstream = None
+            self.app.exchange_done(self)
 
     # -- accounting ----------------------------------------------------------------
 

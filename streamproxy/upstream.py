@@ -221,7 +221,11 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.listener = self.pending = None
         assert listener is not None
         assert error is not None
-        listener.head_failed(error, self.reused and not self.got_bytes)
+        # The request is over on this connection whoever listens (a timed-out one too):
+        # nobody owns it any more. Only a close before any byte may be sent again.
+        retryable = self.reused and not self.got_bytes and not isinstance(error, UpstreamTimeout)
+        self.abort()
+        listener.head_failed(error, retryable)
 
     def _read_on(self) -> None:
         if self.yielded:
