@@ -557,12 +557,11 @@ class UpstreamPool:
         try:
             retryable = await waiter.future
         except BaseException:
-            # Cancelled while waiting for the head: this request ends, and its connection
-            # (once the head is in, the relay owns the connection, which may even be in
-            # the pool again by now).
-            if conn.listener is waiter:
-                conn.abort()
-                conn.listener = conn.pending = None  # no cycle left
+            # Cancelled: this request ends, and with it its connection, unless the head
+            # went on to the caller's listener already (the relay owns the connection
+            # then, and it may even be back in the pool by now).
+            if conn.listener is waiter or listener is None:
+                response.close()
             raise
         if retryable is not None:  # the head failed
             error = conn.error

@@ -4,6 +4,8 @@ connections, framing by length, chunks or close, HEAD, informational responses."
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 
 from streamproxy import upstream as upstream_module
@@ -214,3 +216,51 @@ def test_the_head_is_handed_on_from_the_read_callback():
     assert calls[:3] == [("head", 200, b"{}"), ("returned", 200, b""), ("head", 200, b"{}")]
     assert calls[3][:2] == ("failed", 0)
     assert b"invalid HTTP" in calls[3][2]
+
+
+def test_a_request_cancelled_once_its_head_is_in_closes_its_connection(monkeypatch):
+    """`request()` without a listener, cancelled after the head came in but before the
+    awaiting task ran again (the early commit's client leaving in that turn): nobody
+    else has the response, so its connection is closed (the upstream stops)."""
+    closed = threading.Event()
+
+    async def streams_on(reader, writer, state):
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        try:
+            for _ in range(500):
+                writer.write(b"d\r\ndata: token\n\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.01)
+        except ConnectionError:
+            closed.set()
+            return
+        while await reader.read(65536):
+            pass
+        closed.set()
+
+    async def run(url: str) -> None:
+        pool = upstream_module.UpstreamPool(UpstreamConfig(name="t", url=url))
+        task: asyncio.Task | None = None
+        original = upstream_module._HeadWaiter.head_received
+
+        def head_then_cancel(self, response):
+            original(self, response)
+            assert task is not None
+            task.cancel()  # before the task has taken its response
+
+        monkeypatch.setattr(upstream_module._HeadWaiter, "head_received", head_then_cancel)
+        try:
+            task = asyncio.ensure_future(pool.request("POST", b"/x", [], b"{}"))
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert task.cancelled()
+        finally:
+            await pool.aclose()
+
+    with raw_server(streams_on, raw=True) as upstream:
+        asyncio.run(run(upstream.url))
+        assert closed.wait(2), "the connection was left streaming"
