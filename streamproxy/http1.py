@@ -593,7 +593,10 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:  # the client is gone
             return
-        reusable = request.keep_alive and request.body_received and not self.no_more_requests
+        # After an Upgrade request the parser reads no further, but what it parsed
+        # before (that very request, pipelined behind this one) is still served.
+        more = not self.no_more_requests or bool(self.queue)
+        reusable = request.keep_alive and request.body_received and more
         if not reusable or self.server.draining:
             self.no_more_requests = True  # what the parser still finds is not served
             transport.close()

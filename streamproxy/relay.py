@@ -355,6 +355,12 @@ class Exchange:
         except ProxyError as exc:
             self._finish(self._answer_error(exc))
             return
+        try:
+            self._send_now(route, body)
+        except Exception as exc:  # a bug: nothing above this callback would end the exchange
+            self._finish(self._fail_on_bug(exc))
+
+    def _send_now(self, route: Route, body: bytes) -> None:
         self.wants_stream = self._wants_stream(body)
         if self._commits_early():
             self.model = request_model(self.api, self.path, body)
@@ -606,7 +612,9 @@ class Exchange:
         else:
             self.status = upstream.status
             self.response.start(self.status, headers, first)
-        kind = body_kind(hdrs.get(headers, b"content-type"))
+        # A response without a body (HEAD, 204, 304) is no stream, whatever its type says.
+        bodyless = self.method == "HEAD" or upstream.status in (204, 304)
+        kind = "none" if bodyless else body_kind(hdrs.get(headers, b"content-type"))
         self.observer = observer = StreamObserver(
             self.api, kind, self.arrived, self._gap_recorder().add
         )

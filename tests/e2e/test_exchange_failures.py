@@ -176,3 +176,20 @@ def test_console_access_lines_carry_their_own_request_id(start_proxy, mock_url):
     lines = [line for line in out.getvalue().splitlines() if "method=" in line]
     ids = [m.group(1) if (m := re.search(r"request_id=(\S+)", line)) else None for line in lines]
     assert ids == ["first-request", "second-request", "third-request"]
+
+
+def test_a_bug_before_the_request_goes_upstream_still_ends_the_exchange(
+    start_proxy, mock_url, monkeypatch
+):
+    """An exception while the request is sent from the client's read callback: the
+    client gets a 500 and the exchange is gone (the drain would wait for it)."""
+    from streamproxy import relay
+
+    def broken(self, route, body):
+        raise RuntimeError("header bug")
+
+    monkeypatch.setattr(relay.Exchange, "_upstream_request", broken)
+    with start_proxy(mock_url) as proxy:
+        response = client.request(proxy.url, "POST", "/v1/chat/completions", JSON, CHAT)
+        assert response.status == 500
+        assert wait_idle(proxy.app) == []

@@ -901,3 +901,13 @@ def test_a_client_that_reads_nothing_is_cut_off(start_proxy, monkeypatch):
             assert upstream.wait_closed(timeout=10) is not None, "the upstream request stayed open"
         finally:
             sock.close()
+
+
+def test_an_upgrade_request_pipelined_behind_another_is_answered(start_proxy, mock_url):
+    """A request with Upgrade pipelined behind a plain one: both answered (the Upgrade
+    one as plain HTTP, then the close), the second not silently dropped."""
+    upgrade = [("Connection", "Upgrade"), ("Upgrade", "websocket")]
+    with start_proxy(mock_url) as proxy, wire(proxy.url) as w:
+        w.send(req("GET", "/echo/one") + req("GET", "/echo/two", upgrade))
+        assert echo(w.response())["raw_path"] == "/echo/one"
+        assert echo(w.response())["raw_path"] == "/echo/two"

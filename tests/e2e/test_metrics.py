@@ -540,3 +540,36 @@ def test_keepalives_counted(start_proxy, mock_url):
     assert comments >= 2
     assert m.value(KEEPALIVES, upstream="test") == comments
     assert_one_stream(m, "gpt-x", "completed")
+
+
+def test_a_bodyless_answer_with_a_stream_type_is_no_dropped_stream(start_proxy):
+    """HEAD answered with SSE headers and, as HEAD must be, no body: complete for the
+    client, and no stream the upstream dropped (nor one in streams_active)."""
+    from tests.e2e.test_http1 import req, wire
+    from tests.rawserver import read_request
+
+    head_only = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+
+    async def handler(reader, writer, state):
+        while True:
+            try:
+                await read_request(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            writer.write(head_only)
+            await writer.drain()
+
+    with raw_server(handler, raw=True) as upstream, start_proxy(upstream.url) as proxy:
+        with wire(proxy.url) as w:
+            w.send(req("HEAD", "/v1/chat/completions"))
+            reply = w.response("HEAD")
+            assert reply.status == 200
+            assert reply.complete
+        time.sleep(0.2)
+        drop = {"upstream": "test", "side": "upstream", "phase": "before_first_token"}
+        disconnect = {"upstream": "test", "model": "unknown", "outcome": "upstream_disconnect"}
+        assert proxy.metric("streamproxy_dropped_connections_total", drop) == 0
+        assert proxy.metric(STREAMS, disconnect) == 0
+        assert proxy.metric(ACTIVE, {"upstream": "test"}) == 0
