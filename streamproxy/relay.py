@@ -282,7 +282,6 @@ class Exchange:
         "finished",
         "gaps",
         "head_failure",
-        "interrupt_absorbed",
         "interrupted",
         "method",
         "model",
@@ -320,7 +319,6 @@ class Exchange:
         self.error: ProxyError | None = None
         self.client_left = False
         self.interrupted = False  # this exchange's task was cancelled by _interrupt()
-        self.interrupt_absorbed = False
         self.accounted = False
         self.finished = False
         self.wants_stream = False
@@ -379,8 +377,8 @@ class Exchange:
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        # Cancelled before its first step (_interrupt in the same loop turn as _spawn),
-        # `_open_slowly` never ran, nor its handlers: finish here.
+        # A cancelled task ends here: interrupted (the client left, or the drain ended
+        # it before the response began), or at shutdown; perhaps before it even began.
         if self.task is task:
             self.task = None
         if self.finished or not task.cancelled():
@@ -396,19 +394,10 @@ class Exchange:
         """The task for whatever must wait before the request can go upstream: its body,
         a new connection, or the early commit's keepalive comments."""
         structlog.contextvars.bind_contextvars(request_id=self.request_id)
-        outcome: Outcome | None = "upstream_error"  # if anything unforeseen escapes below
         try:
             outcome = await self._open_and_relay(route, body)
         except ClientDisconnected:
             outcome = "client_disconnect"
-        except asyncio.CancelledError:
-            if not self._uncancel_interrupt():
-                self._finish(outcome or "upstream_error")
-                raise
-            if self.client_left:
-                outcome = "client_disconnect"
-            elif self.error is not None:  # the drain ended it before the response began
-                outcome = self._send_error_response(self.error)
         except Exception as exc:  # a bug must not leave the client hanging
             outcome = self._fail_on_bug(exc)
         finally:
@@ -433,8 +422,14 @@ class Exchange:
     def _retry_on_new_connection(self) -> None:
         route, body = self.route, self.body
         assert route is not None
-        self.route, self.body, self.upstream = None, b"", None
+        self._drop_upstream()
         self._spawn(self._open_slowly(route, body))
+
+    def _drop_upstream(self) -> None:
+        """Stop waiting for a head without a task: that upstream request is over."""
+        if self.upstream is not None:
+            self.upstream.close()
+        self.route, self.body, self.upstream = None, b"", None
 
     def _request_id(self) -> str:
         value: bytes | None = hdrs.get(self.request.headers, b"x-request-id")
@@ -500,7 +495,7 @@ class Exchange:
         if retryable:
             self._retry_on_new_connection()
             return
-        self.route, self.body, self.upstream = None, b"", None
+        self._drop_upstream()
         self._finish(self._answer_error(error))
 
     # -- http1.ResponseListener -----------------------------------------------------
@@ -511,9 +506,7 @@ class Exchange:
             self.pump.stop(ClientDisconnected())
         elif self.task is not None:
             self._interrupt()
-        elif self.upstream is not None:  # waiting for the head: the upstream request ends
-            self.upstream.close()
-            self.upstream = None
+        elif self.upstream is not None:  # waiting for the head: _finish ends that request
             self._finish("client_disconnect")
 
     def pause_writing(self) -> None:
@@ -580,8 +573,7 @@ class Exchange:
     async def _relay(self, upstream: UpstreamResponse) -> Outcome | None:
         """The task's part once the head is in (None: the pump runs, and its end finishes
         the exchange). Usually `head_received` has started the relay already."""
-        if self.head_failure is not None:
-            upstream.close()
+        if self.head_failure is not None:  # head_received closed the upstream already
             raise self.head_failure.with_traceback(None)
         if self.upstream_answered:  # by head_received: the pump runs, or has ended
             return None
@@ -645,7 +637,7 @@ class Exchange:
             return
         if self.response.paused:  # the client fell behind before the pump existed
             pump.pause_writing()
-        if insertable and keepalive.interval > 0 and not pump.ended:
+        if insertable and keepalive.interval > 0:
             pump.start_keepalive()
 
     def _body_ended(self, ended: Ended) -> None:
@@ -695,23 +687,13 @@ class Exchange:
             self.error = error
         if self.task is not None:
             self._interrupt()
-        elif self.upstream is not None:  # sent without a task, waiting for the head
-            self.upstream.close()
-            self.upstream = None
-            self._finish(self._send_error_response(error))
+        elif self.upstream is not None:  # waiting for the head: _finish ends that request
+            self._finish(self._answer_error(error))
 
     def _interrupt(self) -> None:
         if not self.interrupted and self.task is not None:
             self.interrupted = True
             self.task.cancel()
-
-    def _uncancel_interrupt(self) -> bool:
-        """Absorb the cancellation `_interrupt` caused (once); False if it was not ours."""
-        if not self.interrupted or self.interrupt_absorbed or self.task is None:
-            return False
-        self.interrupt_absorbed = True
-        self.task.uncancel()
-        return True
 
     def _send_error_response(self, exc: ProxyError) -> Outcome:
         # Kept without its traceback: its frames hold this exchange (and the request
@@ -771,7 +753,7 @@ class Exchange:
             self.response.abort()  # a no-op after end()
             self.response.listener = None
             self.pump = None
-            self.upstream = None
+            self._drop_upstream()  # still waiting for a head: that request ends too
             self.app.exchange_done(self)
 
     # -- accounting ----------------------------------------------------------------

@@ -563,10 +563,9 @@ class UpstreamPool:
             if conn.listener is waiter or listener is None:
                 response.close()
             raise
-        if retryable is not None:  # the head failed
+        if retryable is not None:  # the head failed (the connection closed itself)
             error = conn.error
             assert error is not None
-            conn.abort()
             if retryable:
                 raise _StaleConnection
             raise error
