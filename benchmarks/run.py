@@ -673,6 +673,18 @@ http {{
 # -- measuring ---------------------------------------------------------------------------
 
 
+def stolen_seconds() -> float | None:
+    """CPU time the hypervisor gave to other guests, summed over this machine's CPUs
+    (`steal` in /proc/stat); None where there is no such figure. A round in which the
+    proxy's vCPU was taken away for milliseconds shows up in its latency tail."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def cpu_seconds(procs: list[psutil.Process]) -> float:
     """User + system CPU time of these processes (those that still exist)."""
     total = 0.0
@@ -732,10 +744,12 @@ class Bench:
         settled = settle(tree + upstream, self.args.settle_s)
         cpu: dict[str, float] = {}
         stat: dict[str, dict[str, int]] = {}
+        steal: dict[str, float | None] = {}
 
         def start() -> None:
             cpu["target"], cpu["upstream"] = cpu_seconds(tree), cpu_seconds(upstream)
             cpu["wall"] = time.monotonic()
+            steal["before"] = stolen_seconds()
             if slots:
                 stat["before"] = snapshot(slots)
 
@@ -743,6 +757,7 @@ class Bench:
             cpu["target"] = cpu_seconds(tree) - cpu["target"]
             cpu["upstream"] = cpu_seconds(upstream) - cpu["upstream"]
             cpu["wall"] = time.monotonic() - cpu["wall"]
+            steal["after"] = stolen_seconds()
             if slots:
                 stat["after"] = snapshot(slots)
 
@@ -771,6 +786,7 @@ class Bench:
             cpu_us_per_event=cpu["target"] / events * 1e6 if tree else None,
             upstream_cpu_us_per_event=cpu["upstream"] / events * 1e6,
             loadgen_cpu_us_per_event=result["loadgen_cpu_s"] / events * 1e6,
+            steal_pct=steal_share(steal.get("before"), steal.get("after"), cpu["wall"]),
         )
         if phase.name == "max":
             result["busy_after_cut_s"] = settle(tree, self.args.settle_s) if tree else None
@@ -848,6 +864,13 @@ def warm_up(target: Target) -> None:
         raise RuntimeError(f"{target.name}: warm-up failed: {result['errors']}")
 
 
+def steal_share(before: float | None, after: float | None, wall: float) -> float | None:
+    """Stolen CPU time as a percentage of all CPUs' time over `wall` seconds."""
+    if before is None or after is None or wall <= 0:
+        return None
+    return (after - before) / (wall * (os.cpu_count() or 1)) * 100
+
+
 def describe(result: dict[str, Any]) -> str:
     cpu = result["cpu_us_per_event"]
     errors = sum(result["errors"].values())
@@ -857,7 +880,8 @@ def describe(result: dict[str, Any]) -> str:
         f"{result['events_per_s']:.0f} ev/s, p50 {result['latency_ms']['p50']:.3f} ms, "
         f"p99 {result['latency_ms']['p99']:.3f} ms, TTFB p99 {result['ttfb_ms']['p99']:.3f} ms, "
         f"CPU {'-' if cpu is None else f'{cpu:.1f}'} us/ev, errors {errors}, "
-        f"exact {'yes' if result['byte_exact'] else 'NO'}"
+        f"exact {'yes' if result['byte_exact'] else 'NO'}, "
+        f"steal {fmt(result.get('steal_pct'), 1)} %"
     )
 
 
@@ -1249,6 +1273,7 @@ def render(
     phases_: dict[str, Phase],
     problems: list[str],
     scale: dict[str, Any],
+    measurements: list[dict[str, Any]],
 ) -> str:
     """results.md: the main table, the absolute figures, the scaling table, the target
     checks, notes."""
@@ -1363,6 +1388,7 @@ def render(
         "",
         absolute,
         "",
+        *rounds_section(measurements),
         *scale_section(scale),
         "## Targets (issue #6; streamproxy, default config)",
         "",
@@ -1378,6 +1404,39 @@ def render(
         lines += ["", "## Notes", "", *notes]
     lines += ["", "![delivery latency CDF](latency-cdf.png)", ""]
     return "\n".join(lines)
+
+
+def rounds_section(measurements: list[dict[str, Any]]) -> list[str]:
+    """results.md's lines on the load phase round by round: how far each round's tail
+    moved, beside the CPU time the hypervisor stole from the machine meanwhile."""
+    load = [m for m in measurements if m["phase"] == "load"]
+    direct = {m["round"]: m for m in load if m["target"] == "direct"}
+    rows = []
+    for m in sorted(load, key=lambda m: (m["round"], m["target"])):
+        base = direct.get(m["round"]) if m["target"] != "direct" else None
+        p99 = m["latency_ms"]["p99"]
+        rows.append(
+            [
+                str(m["round"]),
+                m["target"],
+                fmt(p99, 2),
+                "-" if base is None else fmt(p99 - base["latency_ms"]["p99"], 2),
+                fmt(m["ttfb_ms"]["p99"], 2),
+                fmt(m["cpu_us_per_event"], 1),
+                fmt(m.get("steal_pct"), 1),
+            ]
+        )
+    if not rows:
+        return []
+    header = ["round", "target", "p99 ms", "+p99 ms", "TTFB p99 ms", "CPU µs/event"]
+    header += ["steal % (all CPUs)"]
+    return [
+        "The load phase round by round (steal: CPU time the hypervisor gave to other "
+        "guests while the round ran; a round's latency tail moves with it):",
+        "",
+        table(header, rows),
+        "",
+    ]
 
 
 def scale_section(scale: dict[str, Any]) -> list[str]:
@@ -1595,7 +1654,9 @@ def main(argv: list[str] | None = None) -> int:
         "measurements": bench.measurements,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    markdown = render(meta, summaries, not_run, verdicts, all_phases, bench.notes, scale)
+    markdown = render(
+        meta, summaries, not_run, verdicts, all_phases, bench.notes, scale, bench.measurements
+    )
     (out / "results.md").write_text(markdown)
     load = all_phases["load"]
     plot_cdf(summaries, out / "latency-cdf.png", f"Delivery latency, {load.about.split(', ')[0]}")

@@ -103,6 +103,21 @@ def test_every_event_arrived_byte_exact(quick_run):
             assert m["events"] == m["streams"] * m["spec"]["events"], (m["target"], m["phase"])
 
 
+def test_load_rounds_listed_with_the_steal_time(quick_run):
+    """results.md lists every load round of every target with its tail and the CPU time
+    the hypervisor stole meanwhile (a percentage on Linux, where /proc/stat has it)."""
+    folder, targets = quick_run
+    results = _results(folder)
+    load = [m for m in results["measurements"] if m["phase"] == "load"]
+    assert {m["target"] for m in load} == set(targets)
+    markdown = (folder / "results.md").read_text()
+    assert "The load phase round by round" in markdown
+    for m in load:
+        assert m["steal_pct"] is not None and 0 <= m["steal_pct"] <= 100, m["steal_pct"]
+        row = f"| {m['round']} | {m['target']} | {m['latency_ms']['p99']:.2f} |"
+        assert row in markdown, row
+
+
 def _workers_check(results: dict[str, Any]) -> dict[str, Any]:
     (check,) = (c for c in results["checks"] if c["goal"].startswith("--workers 2"))
     return check
