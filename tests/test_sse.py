@@ -442,3 +442,26 @@ def test_multi_event_fast_path_agrees_with_general_path(values: list[bytes], tai
     assert fast.feed(chunk) == general.feed(chunk[1:])
     assert fast.at_event_boundary == general.at_event_boundary
     assert fast.at_line_boundary == general.at_line_boundary
+
+
+@pytest.mark.parametrize(
+    ("before", "expected"),
+    [
+        (b"data: a\n", [SSEEvent(None, b"a\nb", False)]),  # a field pending: same event
+        (b"event: e\n", [SSEEvent(b"e", b"b", False)]),
+        (b"data", []),  # a partial line: `datadata: b` is another field, and no data
+        (b"data: a\r", [SSEEvent(None, b"a\nb", False)]),  # a CR that may be half a CRLF
+        (b"\xef\xbb", []),  # a BOM not yet decided: here not one, so a field of its own
+    ],
+)
+def test_a_whole_event_chunk_after_an_unfinished_state_is_scanned_in_full(
+    before: bytes, expected: list[SSEEvent]
+) -> None:
+    """A chunk that looks like one whole event takes the fast path only between events:
+    after anything the scanner still holds, it continues what came before."""
+    scanner = SSEScanner()
+    scanner.feed(b": warm-up\n")
+    scanner.feed(before)
+    events = scanner.feed(b"data: b\n\n")
+    assert events == expected
+    assert events == reference(b": warm-up\n" + before + b"data: b\n\n", 1 << 20)
