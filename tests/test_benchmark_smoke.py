@@ -113,7 +113,8 @@ def test_load_rounds_listed_with_the_steal_time(quick_run):
     markdown = (folder / "results.md").read_text()
     assert "The load phase round by round" in markdown
     for m in load:
-        assert m["steal_pct"] is not None and 0 <= m["steal_pct"] <= 100, m["steal_pct"]
+        assert m["steal_pct"] is not None
+        assert 0 <= m["steal_pct"] <= 100, m["steal_pct"]
         row = f"| {m['round']} | {m['target']} | {m['latency_ms']['p99']:.2f} |"
         assert row in markdown, row
 
