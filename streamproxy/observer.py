@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from streamproxy.ndjson import NDJSONScanner
-from streamproxy.providers import TOKEN, Api, EventFacts, classify_ndjson, sse_classifier
+from streamproxy.providers import Api, EventFacts, classify_ndjson, classify_sse
 from streamproxy.sse import SSEScanner
 
 Outcome = Literal[
@@ -55,10 +55,6 @@ class StreamRecord:
     phase: Phase
 
 
-def _ignore_gap(gap: float, now: float) -> None:
-    pass
-
-
 class StreamObserver:
     """Per-response timings and counts. `on_gap` receives each inter-token gap as it happens."""
 
@@ -67,7 +63,6 @@ class StreamObserver:
         "api",
         "arrived",
         "bytes_sent",
-        "classify",
         "error_seen",
         "first_byte_at",
         "first_token_at",
@@ -91,9 +86,8 @@ class StreamObserver:
         self.api = api
         self.kind = kind
         self.arrived = arrived
-        self.on_gap = on_gap or _ignore_gap
+        self.on_gap = on_gap
         self.sse = SSEScanner() if kind == "sse" else None
-        self.classify = sse_classifier(api)  # chosen once: it runs for every event
         self.ndjson = NDJSONScanner() if kind == "ndjson" else None
         self.bytes_sent = 0
         self.first_byte_at: float | None = None
@@ -126,14 +120,7 @@ class StreamObserver:
             self.first_byte_at = now
         if self.sse is not None:
             for event in self.sse.feed(chunk):
-                facts = self.classify(event)
-                if facts is TOKEN and self.last_token_at is not None:
-                    # The hot case, once per token of a running stream: `_on_facts` cut short.
-                    self.token_events += 1
-                    self.on_gap(now - self.last_token_at, now)
-                    self.last_token_at = now
-                else:
-                    self._on_facts(facts, now)
+                self._on_facts(classify_sse(self.api, event), now)
         elif self.ndjson is not None:
             for line in self.ndjson.feed(chunk):
                 self._on_facts(classify_ndjson(self.api, line), now)
@@ -142,7 +129,7 @@ class StreamObserver:
         """The upstream body ended cleanly: flush what the scanners held."""
         if self.sse is not None:
             for event in self.sse.finish():
-                self._on_facts(self.classify(event), now)
+                self._on_facts(classify_sse(self.api, event), now)
         elif self.ndjson is not None:
             for line in self.ndjson.finish():
                 self._on_facts(classify_ndjson(self.api, line), now)
@@ -152,7 +139,7 @@ class StreamObserver:
             self.token_events += 1
             if self.first_token_at is None:
                 self.first_token_at = now
-            elif self.last_token_at is not None:
+            elif self.on_gap is not None and self.last_token_at is not None:
                 self.on_gap(now - self.last_token_at, now)
             self.last_token_at = now
         if facts.output_tokens is not None:

@@ -32,14 +32,12 @@ from streamproxy.sse import SSEEvent
 
 __all__ = [
     "NOTHING",
-    "TOKEN",
     "Api",
     "EventFacts",
     "classify_ndjson",
     "classify_sse",
     "detect_api",
     "request_model",
-    "sse_classifier",
 ]
 
 Api = Literal[
@@ -77,8 +75,7 @@ _SHARED = {
 }
 NOTHING = _SHARED[False, False, False]
 """The shared all-false facts, returned for the common uninteresting event."""
-TOKEN = _SHARED[True, False, False]
-"""The facts of a plain token event, the most common event of all."""
+_TOKEN = _SHARED[True, False, False]
 _TERMINAL = _SHARED[False, True, False]
 _ERROR = _SHARED[False, False, True]
 _DONE = b"[DONE]"  # OpenAI's terminal marker; not JSON
@@ -160,21 +157,11 @@ def request_model(api: Api, path: str, body: bytes) -> str | None:
 def classify_sse(api: Api, event: SSEEvent) -> EventFacts:
     """Facts about one SSE event of a stream speaking ``api``. Truncated events are
     opaque (`NOTHING`); an ``event: error`` is an error for every API."""
-    return sse_classifier(api)(event)
-
-
-def sse_classifier(api: Api) -> Callable[[SSEEvent], EventFacts]:
-    """`classify_sse` for one API, looked up once per stream instead of once per event."""
-    specific = _SSE_CLASSIFIERS.get(api, _unknown)
-
-    def classify(event: SSEEvent) -> EventFacts:
-        if event.truncated:
-            return NOTHING
-        if event.event == b"error":
-            return _ERROR
-        return specific(event)
-
-    return classify
+    if event.truncated:
+        return NOTHING
+    if event.event == b"error":
+        return _ERROR
+    return _SSE_CLASSIFIERS.get(api, _unknown)(event)
 
 
 def classify_ndjson(api: Api, line: bytes) -> EventFacts:
@@ -184,7 +171,7 @@ def classify_ndjson(api: Api, line: bytes) -> EventFacts:
     if line.find(b'"done":false') >= 0 and (
         _compact_nonempty(line, b'"content":"') or _compact_nonempty(line, b'"response":"')
     ):
-        return TOKEN
+        return _TOKEN
     obj = _obj(line)
     message = _dict(obj.get("message"))
     token = (
@@ -213,7 +200,7 @@ def _openai_chat(event: SSEEvent) -> EventFacts:
     if not data.partition(b'"usage":{')[1] and (  # absent (see _compact_nonempty)
         _compact_nonempty(data, b'"content":"') or _CHAT_TOKEN.search(data)
     ):
-        return TOKEN
+        return _TOKEN
     if not _mentions(data, _CHAT_KEYS):
         return NOTHING
     obj = _obj(data)
@@ -237,7 +224,7 @@ def _openai_completions(event: SSEEvent) -> EventFacts:
     if data == _DONE:
         return _TERMINAL
     if _compact_nonempty(data, b'"text":"') and data.find(b'"usage":{') < 0:
-        return TOKEN
+        return _TOKEN
     if not _mentions(data, (b'"text"', b'"usage"', b'"error"')):
         return NOTHING
     obj = _obj(data)
@@ -251,7 +238,7 @@ def _openai_responses(event: SSEEvent) -> EventFacts:
     data = event.data
     if kind.endswith(b".delta"):  # output_text, refusal, reasoning*, *arguments, audio...
         empty = data.find(b'"delta":""') >= 0 or data.find(b'"delta": ""') >= 0
-        return NOTHING if empty else TOKEN
+        return NOTHING if empty else _TOKEN
     if kind in (b"response.completed", b"response.incomplete"):
         # incomplete (max_output_tokens, content filter) ends the stream as surely as
         # completed, like Chat's finish_reason "length" followed by [DONE].
@@ -267,12 +254,12 @@ def _anthropic(event: SSEEvent) -> EventFacts:
     data = event.data
     if kind == b"content_block_delta":
         if data.find(b'""') < 0 and data.find(b"signature_delta") < 0:
-            return TOKEN  # no empty string anywhere, so the delta's payload is non-empty
+            return _TOKEN  # no empty string anywhere, so the delta's payload is non-empty
         delta = _dict(_obj(data).get("delta"))
         if delta.get("type") == "signature_delta":  # a signature, not generated content
             return NOTHING
         token = any((_nonempty(v) or _dict(v)) for k, v in delta.items() if k != "type")
-        return TOKEN if token else NOTHING
+        return _TOKEN if token else NOTHING
     if kind == b"message_stop":
         return _TERMINAL
     if kind == b"message_delta":
@@ -297,7 +284,7 @@ def _gemini(event: SSEEvent) -> EventFacts:
     if not _mentions(data, _GEMINI_NOT_PLAIN) and _GEMINI_TEXT.search(data):
         said, thought = _GEMINI_ANSWER.search(data), _GEMINI_THOUGHTS.search(data)
         if said is None and thought is None:
-            return TOKEN
+            return _TOKEN
         count = (int(said[1]) if said else 0) + (int(thought[1]) if thought else 0)
         return EventFacts(True, False, count, False)
     if not _mentions(data, _GEMINI_KEYS):
@@ -385,8 +372,8 @@ def _mentions(data: bytes, needles: tuple[bytes, ...]) -> bool:
 def _compact_nonempty(data: bytes, needle: bytes) -> bool:
     """``needle`` (``"key":"``) occurs and the string after it is not empty."""
     # partition, not find: CPython 3.11 parses find()'s optional arguments the slow way,
-    # which costs about what the search does; partition has one argument, and returns
-    # the bytes itself when the needle is absent (no copy).
+    # about a third of what the search costs; partition takes one argument. Absent, it
+    # returns the bytes itself; present, it copies the two parts (an event's size).
     return data.partition(needle)[2][:1] not in _EMPTY_STRING
 
 

@@ -197,11 +197,7 @@ class Pump:
         """Write one upstream read to the client, then observe it."""
         self.response.write(chunk)
         self.last_write = now = clock()
-        if self.observing:  # `observe`, inlined: this runs once per event
-            try:
-                self.observer.on_chunk(chunk, now)
-            except Exception as exc:
-                self._observer_failed(exc)
+        self.observe(chunk, now)
 
     def on_end(self) -> None:
         self._finish(None)
@@ -217,17 +213,13 @@ class Pump:
             return
         try:
             self.observer.on_chunk(chunk, now)
-        except Exception as exc:
-            self._observer_failed(exc)
-
-    def _observer_failed(self, exc: Exception) -> None:
-        # A bug in the metrics must not break the user's stream.
-        self.observing = False  # the scanners' state is unknown now: no more comments
-        log.error(
-            "stream observer failed; relaying on unobserved",
-            request_id=self.request_id,
-            traceback="".join(traceback.format_exception(exc)),
-        )
+        except Exception as exc:  # a bug in the metrics must not break the user's stream
+            self.observing = False  # the scanners' state is unknown now: no more comments
+            log.error(
+                "stream observer failed; relaying on unobserved",
+                request_id=self.request_id,
+                traceback="".join(traceback.format_exception(exc)),
+            )
 
     def start_keepalive(self) -> None:
         loop = asyncio.get_running_loop()

@@ -75,7 +75,6 @@ class SSEScanner:
 
     __slots__ = (
         "_bom",
-        "_clean",
         "_data",
         "_event",
         "_has_data",
@@ -94,7 +93,6 @@ class SSEScanner:
         self._max = max_event_bytes
         self._line_cap = max_event_bytes + _LINE_SLACK
         self._bom = 0  # BOM bytes matched at stream start; -1 once decided
-        self._clean = False  # BOM decided, no partial line, no pending field, no CR last
         self._skip_lf = False  # the last byte was a CR: drop an LF that follows
         self._partial = bytearray()  # the unterminated line, at most _line_cap bytes
         self._partial_len = 0  # its true length, counted past the cap
@@ -124,9 +122,10 @@ class SSEScanner:
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Scan the next chunk of the stream; return the events it dispatched."""
         if (
-            self._clean
-            and chunk[-2:] == b"\n\n"
+            chunk[-2:] == b"\n\n"
             and chunk[:6] == b"data: "
+            and self._bom < 0
+            and not (self._partial_len or self._pending or self._skip_lf)
             and _CR not in chunk  # an int: `bytes in bytes` costs twice as much (3.11)
             and len(chunk) <= self._max
         ):
@@ -139,13 +138,6 @@ class SSEScanner:
                 return [
                     _new_event(SSEEvent, (None, e[6:], False)) for e in chunk[:-2].split(b"\n\n")
                 ]
-        events = self._scan(chunk)
-        # Between events, with nothing held: the next chunk may take the fast path.
-        self._clean = self._bom < 0 and not (self._partial_len or self._pending or self._skip_lf)
-        return events
-
-    def _scan(self, chunk: bytes) -> list[SSEEvent]:
-        """The general case: any chunk, in any state."""
         if self._bom >= 0:
             chunk = self._skip_bom(chunk)
         if self._skip_lf and chunk:
