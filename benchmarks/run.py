@@ -685,6 +685,13 @@ def stolen_seconds() -> float | None:
         return None
 
 
+def steal_share(before: float | None, after: float | None, wall: float) -> float | None:
+    """Stolen CPU time as a percentage of all CPUs' time over `wall` seconds."""
+    if before is None or after is None or wall <= 0:
+        return None
+    return (after - before) / (wall * (os.cpu_count() or 1)) * 100
+
+
 def cpu_seconds(procs: list[psutil.Process]) -> float:
     """User + system CPU time of these processes (those that still exist)."""
     total = 0.0
@@ -862,13 +869,6 @@ def warm_up(target: Target) -> None:
     result = loadgen.run(spec)
     if result["ok"] != spec.streams:
         raise RuntimeError(f"{target.name}: warm-up failed: {result['errors']}")
-
-
-def steal_share(before: float | None, after: float | None, wall: float) -> float | None:
-    """Stolen CPU time as a percentage of all CPUs' time over `wall` seconds."""
-    if before is None or after is None or wall <= 0:
-        return None
-    return (after - before) / (wall * (os.cpu_count() or 1)) * 100
 
 
 def describe(result: dict[str, Any]) -> str:
@@ -1428,8 +1428,7 @@ def rounds_section(measurements: list[dict[str, Any]]) -> list[str]:
         )
     if not rows:
         return []
-    header = ["round", "target", "p99 ms", "+p99 ms", "TTFB p99 ms", "CPU µs/event"]
-    header += ["steal % (all CPUs)"]
+    header = ["round", "target", "p99 ms", "+p99 ms", "TTFB p99 ms", "CPU µs/event", "steal %"]
     return [
         "The load phase round by round (steal: CPU time the hypervisor gave to other "
         "guests while the round ran; a round's latency tail moves with it):",
