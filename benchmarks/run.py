@@ -986,11 +986,6 @@ def run_scale(
 # -- aggregation -------------------------------------------------------------------------
 
 
-def mean(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
-
-
 def median(values: list[float | None]) -> float | None:
     """The middle round. On a shared VM a round in which the hypervisor took the CPU away
     for milliseconds moves that round's tail by as much, for every target (nginx's too);
