@@ -1192,9 +1192,16 @@ def undisturbed(check: Check, stolen: tuple[float, str] | None) -> Check:
 
 def most_stolen(s: dict[str, dict[str, Any]], names: tuple[str, ...]) -> tuple[float, str] | None:
     """The highest median-round steal among these targets, and whose it was."""
-    found = [(s[n]["load_steal_pct"], n) for n in names if n in s]
-    found = [(pct, n) for pct, n in found if pct is not None]
+    found = [
+        (s[n]["load_steal_pct"], n) for n in names if s.get(n, {}).get("load_steal_pct") is not None
+    ]
     return max(found, default=None)
+
+
+def worst_ttfb(summary: dict[str, Any]) -> float | None:
+    """The worse of a target's added TTFB p99 at ~1k and at ~10k events/s (None unless both)."""
+    both = [summary.get("light_added_ttfb_p99"), summary.get("load_added_ttfb_p99")]
+    return None if None in both else max(v for v in both if v is not None)
 
 
 def control(value: float | None, label: str) -> str:
@@ -1217,13 +1224,10 @@ def checks(s: dict[str, dict[str, Any]], scale: dict[str, Any]) -> list[Check]:
     cpu_x = ratio(cpu, cpu_nginx)
     p99 = sp.get("load_added_p99")
     ttfb = [sp.get("light_added_ttfb_p99"), sp.get("load_added_ttfb_p99")]
-    worst_ttfb = None if None in ttfb else max(v for v in ttfb if v is not None)
     eps, eps_naive, eps_w2 = (t.get("max_events_per_s") for t in (sp, naive, w2))
     max_x, w2_x = ratio(eps, eps_naive), ratio(eps_w2, eps)
     rss = sp.get("rss_per_stream_kib")
     steal = most_stolen(s, ("streamproxy", "direct"))
-    nginx_ttfb = [nginx.get("light_added_ttfb_p99"), nginx.get("load_added_ttfb_p99")]
-    nginx_worst_ttfb = None if None in nginx_ttfb else max(v for v in nginx_ttfb if v is not None)
     found = [
         judge(
             "CPU per relayed event at ~10k ev/s <= 3x nginx's",
@@ -1246,13 +1250,13 @@ def checks(s: dict[str, dict[str, Any]], scale: dict[str, Any]) -> list[Check]:
         undisturbed(
             judge(
                 "added TTFB p99 <= 5 ms (at ~1k and at ~10k ev/s)",
-                worst_ttfb,
+                worst_ttfb(sp),
                 5,
                 True,
                 f"{fmt(ttfb[0], 3)} ms at ~1k{of_rounds(sp.get('light_added_ttfb_p99_rounds'))}"
                 f", {fmt(ttfb[1], 3)} ms at ~10k"
                 f"{of_rounds(sp.get('load_added_ttfb_p99_rounds'))}"
-                f"{control(nginx_worst_ttfb, 'nginx (the worse of the two)')}",
+                f"{control(worst_ttfb(nginx), 'nginx (the worse of the two)')}",
             ),
             steal,
         ),
